@@ -1,0 +1,214 @@
+"""compressed-tensors transform types for grouped Walsh rotations.
+
+``sequency-walsh`` (the GSR block) and ``natural-walsh`` (Sylvester order, for
+ablations) are registered in compressed-tensors' ``TransformFactory`` registry on
+import. A scheme's ``head_dim`` is the block size k: the rotation is block-diagonal
+with identical k x k blocks ``M = D W / sqrt(k)``, ``W`` the +-1 Walsh matrix in the
+type's order and ``D`` the diagonal of +-1 signs drawn from the factory's seed when
+``scheme.randomize`` (identity otherwise). Like the built-in ``hadamard`` type the
+stored weight is the +-1 matrix ``D W`` and the transform divides by ``sqrt(k)``, so
+a consumer that multiplies by the stored matrix (vLLM's dense fallback for types
+other than ``hadamard``) computes the same rotation.
+
+Never label these matrices ``hadamard``: vLLM sends that type to a kernel that
+assumes the natural order without signs.
+"""
+
+from __future__ import annotations
+
+import torch
+from compressed_tensors.transform import (
+    HadamardFactory,
+    TransformArgs,
+    TransformFactory,
+    TransformLocation,
+    TransformScheme,
+)
+from compressed_tensors.transform.factory.base import TransformBase
+from compressed_tensors.transform.utils.matrix import get_transform_size
+from compressed_tensors.utils import get_execution_device, get_offloaded_device
+from torch import Tensor
+from torch.nn import Module, Parameter
+
+from gsr_plugin.walsh import Ordering, grouped_walsh_transform, random_signs, walsh_matrix
+
+__all__ = [
+    "SEQUENCY_WALSH",
+    "NATURAL_WALSH",
+    "TRANSFORM_TYPES",
+    "WalshFactory",
+    "SequencyWalshFactory",
+    "NaturalWalshFactory",
+    "GroupedWalshTransform",
+    "register_transform_types",
+]
+
+SEQUENCY_WALSH = "sequency-walsh"
+NATURAL_WALSH = "natural-walsh"
+TRANSFORM_TYPES: dict[str, Ordering] = {SEQUENCY_WALSH: "sequency", NATURAL_WALSH: "natural"}
+
+
+class WalshFactory(HadamardFactory):
+    """Creates ``GroupedWalshTransform``s. Overrides only what differs from the
+    built-in Hadamard factory: the matrix (Walsh order, optional row signs) and the
+    transform that applies it. Weights are cached per (size, precision), so fused
+    (float64) and online (scheme precision) uses share signs but not dtype."""
+
+    ordering: Ordering = "sequency"
+
+    def __init__(self, name: str, scheme: TransformScheme, seed: int | None = None):
+        super().__init__(name, scheme, seed)
+        self._signs: dict[int, Tensor] = {}
+
+    def create_transform(self, module: Module, args: TransformArgs) -> "GroupedWalshTransform":
+        size = get_transform_size(module, args.location, self.scheme.head_dim)
+        precision = self.scheme.precision if args.is_online() else torch.float64
+        factory_kwargs = {
+            "device": get_offloaded_device(module),
+            "construct_device": get_execution_device(module),
+        }
+        weight = self.weights.get(size, precision, factory_kwargs=factory_kwargs)
+        return GroupedWalshTransform(weight, self.ordering, self.scheme, args, type(module))
+
+    def _create_weight(
+        self,
+        size: int,
+        precision: torch.dtype,
+        device: torch.device,
+        construct_device: torch.device,
+    ) -> Parameter:
+        data = walsh_matrix(size, self.ordering, normalized=False, dtype=precision)
+        if self.scheme.randomize:
+            if size not in self._signs:
+                self._signs[size] = random_signs(size, self.generator)
+            data = self._signs[size].to(precision)[:, None] * data
+        # a disk-offloaded module has no tensor device to keep the matrix on: build it
+        # where the module executes; register_offload_module offloads online weights
+        data = data.to(device=construct_device if device == "disk" else device)
+        return Parameter(data, requires_grad=self.scheme.requires_grad)
+
+
+class SequencyWalshFactory(WalshFactory):
+    """Grouped sequency-ordered Walsh rotation (GSR, arXiv 2505.03810)."""
+
+    ordering: Ordering = "sequency"
+
+
+class NaturalWalshFactory(WalshFactory):
+    """Grouped Sylvester-order Walsh rotation: the ablation of GSR's ordering."""
+
+    ordering: Ordering = "natural"
+
+
+class GroupedWalshTransform(TransformBase):
+    """Applies ``blockdiag(M, ..., M)`` (``M = weight / sqrt(k)``) where
+    ``TransformArgs.location`` says, with the fast transform for large blocks.
+
+    With ``T = M`` (``M.T`` when ``args.inverse``), the results equal compressed-tensors'
+    ``apply_transform_weight(T, value, location, module_type)``:
+
+    =====================  ========================  ==============================
+    location               Linear                    Embedding
+    =====================  ========================  ==============================
+    online (input, ...)    ``value @ T``             ``value @ T``
+    weight_input           ``value @ T.T``           ``T @ value``
+    weight_output          ``T.T @ value``           ``value @ T``
+    =====================  ========================  ==============================
+
+    The row signs are read back from the weight (column 0 of every Walsh matrix is
+    all ones), so a weight loaded from a checkpoint defines the transform alone.
+    """
+
+    _dynamic_tied_weights_keys: list[str] = ["weight"]
+
+    def __init__(
+        self,
+        weight: Parameter,
+        ordering: Ordering,
+        scheme: TransformScheme,
+        args: TransformArgs,
+        module_type: type[Module],
+    ):
+        super().__init__()
+        self.weight = weight
+        self.ordering = ordering
+        self.scheme = scheme
+        self.args = args
+        self.module_type = module_type
+
+    def _signs(self) -> Tensor | None:
+        signs = self.weight[:, 0]
+        return None if bool((signs == 1).all()) else signs
+
+    def _right_multiply(self, value: Tensor, transpose: bool) -> Tensor:
+        """``value @ blockdiag(M)`` or ``value @ blockdiag(M).T`` on the last dim."""
+        return grouped_walsh_transform(
+            value,
+            self.weight.shape[0],
+            self.ordering,
+            self._signs(),
+            transpose=transpose,
+        )
+
+    def forward(self, value: Tensor) -> Tensor:
+        location = TransformLocation(self.args.location)
+        inverse = bool(self.args.inverse)
+        dtype = self.scheme.precision if location.is_online() else torch.float64
+        x = value.to(dtype)
+        if location.is_online():
+            out = self._right_multiply(x, transpose=inverse)
+        elif self.module_type is torch.nn.Embedding:
+            if location == TransformLocation.WEIGHT_OUTPUT:
+                out = self._right_multiply(x, transpose=inverse)
+            else:
+                out = self._right_multiply(x.T, transpose=not inverse).T
+        elif self.module_type is torch.nn.Linear:
+            if location == TransformLocation.WEIGHT_INPUT:
+                out = self._right_multiply(x, transpose=not inverse)
+            else:
+                out = self._right_multiply(x.T, transpose=inverse).T
+        else:
+            raise NotImplementedError(
+                f"{type(self).__name__} cannot transform the weight of "
+                f"{self.module_type.__name__} at {location.value}; target Linear or "
+                "Embedding modules"
+            )
+        # contiguous: offload caches (disk) serialize the result as it is
+        return out.to(value.dtype).contiguous()
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(block={self.weight.shape[0]}, "
+            f"ordering={self.ordering}, inverse={self.args.inverse})"
+        )
+
+
+def register_transform_types() -> None:
+    """Register the Walsh types in compressed-tensors' ``TransformFactory`` registry.
+
+    Idempotent: a name already bound to a class of the same qualified name (an
+    earlier import, or a reload of this module) is left as it is; a name bound to a
+    foreign class raises, since silently shadowing it would change checkpoints.
+    """
+    registered = set(TransformFactory.registered_names())
+    for name, factory in _FACTORIES.items():
+        if name not in registered:
+            TransformFactory.register_value(factory, name=name)
+            continue
+        current = TransformFactory.get_value_from_registry(name)
+        if _qualified_name(current) != _qualified_name(factory):
+            raise RuntimeError(
+                f"transform type {name!r} is already registered to "
+                f"{_qualified_name(current)}; gsr_plugin cannot register "
+                f"{_qualified_name(factory)} under the same name"
+            )
+
+
+def _qualified_name(obj: type) -> str:
+    return f"{obj.__module__}.{obj.__qualname__}"
+
+
+_FACTORIES: dict[str, type[WalshFactory]] = {
+    SEQUENCY_WALSH: SequencyWalshFactory,
+    NATURAL_WALSH: NaturalWalshFactory,
+}

@@ -1,0 +1,111 @@
+"""Shared fixtures: tiny random decoders of each supported architecture, saved with a
+byte-level tokenizer so that llm-compressor's ``oneshot`` can load them like any
+checkpoint, and the real default model."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# hidden 128 = 4 heads x 32, GQA with 2 kv heads: small, but every rotation path
+# (blocks smaller than, equal to and wider than head_dim) has room to go wrong
+TINY = dict(
+    vocab_size=256,
+    hidden_size=128,
+    intermediate_size=256,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=32,
+    max_position_embeddings=256,
+)
+ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def byte_tokenizer():
+    """A 256-token byte-level tokenizer (no hub access needed)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tok = Tokenizer(models.WordLevel(vocab={c: i for i, c in enumerate(alphabet)}, unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            pre_tokenizers.Split("", "isolated"),
+        ]
+    )
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=alphabet[0], pad_token=alphabet[0])
+
+
+def make_tiny_config(arch: str, **overrides):
+    from transformers import AutoConfig
+
+    fields = dict(TINY, tie_word_embeddings=arch in ("llama", "qwen3"))
+    fields.update(overrides)
+    return AutoConfig.for_model(arch, **fields)
+
+
+def perturb_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Norm weights away from one and nonzero biases: an exactness test on a model
+    whose norms are all ones cannot see a missing norm fusion."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.copy_(1 + 0.4 * torch.randn(param.shape, generator=gen))
+            elif name.endswith("bias"):
+                param.copy_(0.1 * torch.randn(param.shape, generator=gen))
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory):
+    """{arch: directory} of saved tiny random models with perturbed norms."""
+    from transformers import AutoModelForCausalLM
+
+    root = tmp_path_factory.mktemp("tiny")
+    tokenizer = byte_tokenizer()
+    paths = {}
+    for index, arch in enumerate(ARCHITECTURES):
+        torch.manual_seed(index)
+        model = AutoModelForCausalLM.from_config(make_tiny_config(arch), dtype=torch.float32)
+        perturb_(model, seed=index)
+        path = root / arch
+        model.save_pretrained(path)
+        tokenizer.save_pretrained(path)
+        paths[arch] = path
+    return paths
+
+
+@pytest.fixture
+def load_tiny(tiny_checkpoints):
+    """load_tiny(arch, dtype) -> a fresh model loaded from its checkpoint."""
+    from transformers import AutoModelForCausalLM
+
+    def load(arch: str = "llama", dtype: torch.dtype = torch.float64):
+        return AutoModelForCausalLM.from_pretrained(tiny_checkpoints[arch], dtype=dtype)
+
+    return load
+
+
+@pytest.fixture(scope="session")
+def default_model_dir():
+    """SmolLM2-135M-Instruct as a transformers checkpoint (built once, cached)."""
+    from gsr_plugin.models import default_model_path
+
+    return default_model_path()
+
+
+@pytest.fixture
+def tokens():
+    return torch.randint(0, TINY["vocab_size"], (2, 24), generator=torch.Generator().manual_seed(7))
+
+
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out - ref).abs().max() / ref.abs().max()).item()

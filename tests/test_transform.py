@@ -1,0 +1,127 @@
+"""gsr_plugin.transform: the compressed-tensors factories, checked against the host
+library's own ``apply_transform_weight`` applied to the dense stored matrix."""
+
+import importlib
+import itertools
+
+import pytest
+import torch
+from compressed_tensors.transform import (
+    TransformArgs,
+    TransformFactory,
+    TransformScheme,
+)
+from compressed_tensors.transform.utils.matrix import apply_transform_weight
+
+import gsr_plugin
+from gsr_plugin import transform as transform_module
+from gsr_plugin.transform import NATURAL_WALSH, SEQUENCY_WALSH, GroupedWalshTransform
+from gsr_plugin.walsh import walsh_matrix
+
+
+def make(type_, block=16, randomize=False, seed=3, precision=torch.float64):
+    scheme = TransformScheme(type=type_, head_dim=block, randomize=randomize, precision=precision)
+    return TransformFactory.from_scheme(scheme, name="R", seed=seed)
+
+
+def test_types_are_registered_on_import():
+    names = TransformFactory.registered_names()
+    assert SEQUENCY_WALSH in names and NATURAL_WALSH in names
+    # by name: a reload (below) makes new class objects while the registry keeps the first
+    assert type(make(SEQUENCY_WALSH)).__qualname__ == "SequencyWalshFactory"
+    assert type(make(NATURAL_WALSH)).__qualname__ == "NaturalWalshFactory"
+
+
+def test_importing_again_does_not_raise():
+    importlib.reload(transform_module)
+    transform_module.register_transform_types()
+    importlib.reload(gsr_plugin)
+    gsr_plugin.register()
+    assert SEQUENCY_WALSH in TransformFactory.registered_names()
+
+
+def test_a_foreign_factory_under_our_name_is_refused(monkeypatch):
+    class Impostor(transform_module.WalshFactory):
+        pass
+
+    monkeypatch.setitem(transform_module._FACTORIES, "sequency-walsh", Impostor)
+    with pytest.raises(RuntimeError, match="already registered"):
+        transform_module.register_transform_types()
+
+
+CASES = [
+    (type_, randomize, location, inverse, module_type)
+    for type_, randomize, location, inverse, module_type in itertools.product(
+        [SEQUENCY_WALSH, NATURAL_WALSH],
+        [False, True],
+        ["input", "output", "weight_input", "weight_output"],
+        [False, True],
+        [torch.nn.Linear, torch.nn.Embedding],
+    )
+    if not (module_type is torch.nn.Embedding and location in ("input", "output"))
+]
+
+
+@pytest.mark.parametrize("type_,randomize,location,inverse,module_type", CASES)
+def test_transform_matches_host_dense_application(type_, randomize, location, inverse, module_type):
+    factory = make(type_, randomize=randomize)
+    module = torch.nn.Linear(64, 48) if module_type is torch.nn.Linear else torch.nn.Embedding(48, 64)
+    args = TransformArgs(targets=["m"], location=location, inverse=inverse)
+    transform = factory.create_transform(module, args)
+    stored = transform.weight.double()
+    matrix = (stored.T if inverse else stored) / 4  # sqrt(16)
+    if location.startswith("weight"):
+        value = module.weight.detach().double()
+    else:
+        value = torch.randn(5, 64 if location == "input" else 48, dtype=torch.float64)
+    expected = apply_transform_weight(matrix, value, location, module_type)
+    torch.testing.assert_close(transform(value), expected, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("type_,ordering", [(SEQUENCY_WALSH, "sequency"), (NATURAL_WALSH, "natural")])
+def test_stored_weight_is_the_plus_minus_one_walsh_matrix(type_, ordering):
+    weight = make(type_).create_transform(torch.nn.Linear(64, 64), TransformArgs(targets=["m"], location="input")).weight
+    assert torch.equal(weight.double(), walsh_matrix(16, ordering, normalized=False))
+
+
+def test_random_signs_are_rows_of_plus_minus_one_shared_per_size():
+    factory = make(SEQUENCY_WALSH, randomize=True)
+    online = factory.create_transform(torch.nn.Linear(64, 64), TransformArgs(targets=["m"], location="input"))
+    fused = factory.create_transform(torch.nn.Linear(64, 64), TransformArgs(targets=["m"], location="weight_input"))
+    signs = online.weight[:, 0]
+    assert set(online.weight.unique().tolist()) == {-1.0, 1.0}
+    assert not bool((signs == 1).all())
+    torch.testing.assert_close(online.weight.double(), signs.double()[:, None] * walsh_matrix(16, normalized=False))
+    # online (scheme precision) and fused (float64) copies: other dtype, same signs
+    assert fused.weight.dtype == torch.float64
+    assert torch.equal(fused.weight[:, 0].float(), signs.float())
+
+
+def test_seed_decides_the_signs():
+    def signs(seed):
+        factory = make(SEQUENCY_WALSH, randomize=True, seed=seed)
+        args = TransformArgs(targets=["m"], location="weight_input")
+        return factory.create_transform(torch.nn.Linear(64, 64), args).weight[:, 0]
+
+    assert torch.equal(signs(1), signs(1))
+    assert not torch.equal(signs(1), signs(2))
+
+
+def test_online_transform_runs_in_scheme_precision_and_keeps_the_input_dtype():
+    factory = make(SEQUENCY_WALSH, precision=torch.float32)
+    transform = factory.create_transform(torch.nn.Linear(64, 64), TransformArgs(targets=["m"], location="input"))
+    x = torch.randn(3, 64, dtype=torch.bfloat16)
+    assert transform(x).dtype == torch.bfloat16
+    assert transform.weight.dtype == torch.float32
+
+
+def test_unsupported_module_type_names_the_fix():
+    transform = GroupedWalshTransform(
+        torch.nn.Parameter(walsh_matrix(4, normalized=False), requires_grad=False),
+        "sequency",
+        TransformScheme(type=SEQUENCY_WALSH, head_dim=4),
+        TransformArgs(targets=["m"], location="weight_input"),
+        torch.nn.Conv1d,
+    )
+    with pytest.raises(NotImplementedError, match="Linear or Embedding"):
+        transform(torch.randn(4, 4))
