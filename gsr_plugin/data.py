@@ -31,6 +31,7 @@ __all__ = [
     "wikitext2_test_text",
     "wikitext2_validation_text",
     "calibration_windows",
+    "piqa_validation",
     "WIKITEXT2_TEST_STREAM_SHA256",
 ]
 
@@ -38,6 +39,8 @@ __all__ = [
 WIKITEXT2_TEST_STREAM_SHA256 = "696cca6b65a171b0a358a4be6732cdfdf2dd6164a32e20fd70e3c13fc4dfae83"
 _TEST_ROWS = "wikitext2/test_rows.json"
 _VALID_TOKENS = "wikitext2/valid.tokens"
+_PIQA = "piqa/valid.jsonl"
+_PIQA_LABELS = "piqa/valid-labels.lst"
 
 
 class DataNotFoundError(FileNotFoundError):
@@ -125,7 +128,26 @@ def calibration_windows(
     return torch.stack([ids[s : s + seq_len] for s in starts.tolist()])
 
 
-def _hub(path: str, name: str, split: str):
+def piqa_validation(data_dir: str | os.PathLike | None = None) -> list[dict]:
+    """PIQA validation as ``{"goal", "sol1", "sol2", "label"}`` rows (1838)."""
+    root = find_data_dir(data_dir)
+    if root is not None and (root / _PIQA).is_file() and (root / _PIQA_LABELS).is_file():
+        questions = [json.loads(line) for line in (root / _PIQA).read_text(encoding="utf-8").splitlines() if line.strip()]
+        labels = [int(x) for x in (root / _PIQA_LABELS).read_text().split()]
+        if len(questions) != len(labels):
+            raise ValueError(f"{root / _PIQA} has {len(questions)} questions but {len(labels)} labels")
+        return [
+            {"goal": q["goal"], "sol1": q["sol1"], "sol2": q["sol2"], "label": label}
+            for q, label in zip(questions, labels)
+        ]
+    try:
+        rows = _hub("piqa", None, "validation")
+        return [{k: row[k] for k in ("goal", "sol1", "sol2", "label")} for row in rows]
+    except Exception as error:
+        raise _missing("PIQA validation (questions and labels)", _PIQA, root, error) from error
+
+
+def _hub(path: str, name: str | None, split: str):
     from datasets import load_dataset
 
     return load_dataset(path, name, split=split)

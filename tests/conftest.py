@@ -103,6 +103,35 @@ def default_model_dir():
 
 
 @pytest.fixture
+def small_data(tmp_path_factory):
+    """A data directory with the layout of shared/data and a few rows of each set."""
+    import json
+
+    root = tmp_path_factory.mktemp("data")
+    (root / "wikitext2").mkdir()
+    (root / "piqa").mkdir()
+    (root / "wikitext2" / "test_rows.json").write_text(json.dumps(["", " = Title = ", "", " Some text . " * 300]))
+    (root / "wikitext2" / "valid.tokens").write_text(" = Valid = \n" + " the cat sat on the mat ." * 200)
+    questions = [
+        {"goal": f"How do I open jar {i}?", "sol1": "Twist the lid.", "sol2": "Eat the lid."} for i in range(8)
+    ]
+    (root / "piqa" / "valid.jsonl").write_text("".join(json.dumps(q) + "\n" for q in questions))
+    (root / "piqa" / "valid-labels.lst").write_text("".join(f"{i % 2}\n" for i in range(8)))
+    return root
+
+
+@pytest.fixture
+def no_hub(monkeypatch):
+    """The hub is unreachable: loading from it raises as it would offline."""
+    from gsr_plugin import data
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("hub unreachable (test)")
+
+    monkeypatch.setattr(data, "_hub", offline)
+
+
+@pytest.fixture
 def tokens():
     return torch.randint(0, TINY["vocab_size"], (2, 24), generator=torch.Generator().manual_seed(7))
 

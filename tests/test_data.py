@@ -16,24 +16,9 @@ from gsr_plugin.data import (
     find_data_dir,
     wikitext2_test_rows,
     wikitext2_test_text,
+    piqa_validation,
     wikitext2_validation_text,
 )
-
-
-@pytest.fixture
-def small_data(tmp_path):
-    (tmp_path / "wikitext2").mkdir()
-    (tmp_path / "wikitext2" / "test_rows.json").write_text(json.dumps(["", " = Title = ", "", " Some text . "]))
-    (tmp_path / "wikitext2" / "valid.tokens").write_text(" = Valid = \n" + " the cat sat on the mat ." * 40)
-    return tmp_path
-
-
-@pytest.fixture
-def no_hub(monkeypatch):
-    def offline(*args, **kwargs):
-        raise ConnectionError("hub unreachable (test)")
-
-    monkeypatch.setattr(data, "_hub", offline)
 
 
 def test_explicit_dir_beats_the_environment(small_data, tmp_path_factory, monkeypatch):
@@ -53,7 +38,7 @@ def test_a_data_dir_that_does_not_exist_is_an_error(tmp_path, monkeypatch):
 
 def test_rows_and_stream_come_from_the_directory(small_data):
     assert wikitext2_test_rows(small_data)[1] == " = Title = "
-    assert wikitext2_test_text(small_data) == "\n\n = Title = \n\n\n\n Some text . "
+    assert wikitext2_test_text(small_data).startswith("\n\n = Title = \n\n\n\n Some text .  Some")
 
 
 def test_a_non_canonical_stream_is_warned_about(small_data):
@@ -73,6 +58,8 @@ def test_missing_files_and_no_hub_say_where_the_files_go(tmp_path, no_hub):
         wikitext2_test_rows(tmp_path)
     with pytest.raises(DataNotFoundError, match=r"wikitext2/valid.tokens"):
         wikitext2_validation_text(tmp_path)
+    with pytest.raises(DataNotFoundError, match=r"piqa/valid.jsonl"):
+        piqa_validation(tmp_path)
 
 
 def test_hub_is_used_when_the_files_are_missing(tmp_path, monkeypatch):
@@ -85,6 +72,18 @@ def test_hub_is_used_when_the_files_are_missing(tmp_path, monkeypatch):
     monkeypatch.setattr(data, "_hub", fake_hub)
     assert wikitext2_test_rows(tmp_path) == ["", " hub row "]
     assert calls == [("wikitext", "wikitext-2-raw-v1", "test")]
+
+
+def test_piqa_rows_join_questions_and_labels(small_data, tmp_path):
+    rows = piqa_validation(small_data)
+    assert len(rows) == 8 and rows[1] == {
+        "goal": "How do I open jar 1?", "sol1": "Twist the lid.", "sol2": "Eat the lid.", "label": 1
+    }
+    (tmp_path / "piqa").mkdir()
+    (tmp_path / "piqa" / "valid.jsonl").write_text((small_data / "piqa" / "valid.jsonl").read_text())
+    (tmp_path / "piqa" / "valid-labels.lst").write_text("0\n1\n")
+    with pytest.raises(ValueError, match="8 questions but 2 labels"):
+        piqa_validation(tmp_path)
 
 
 def test_calibration_windows_are_seeded_slices_of_the_validation_text(small_data):

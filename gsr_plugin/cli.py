@@ -1,0 +1,229 @@
+"""The ``gsr`` command: quantize, evaluate and compare rotations on a model.
+
+    gsr quantize --model default --recipe gsr_w4a16_g64_gptq --output out/smollm2-gsr-w4a16
+    gsr eval default out/smollm2-gsr-w4a16 --ppl-windows 10 --tasks piqa
+    gsr compare --model default --bits 2,3,4 --out docs/compare
+    gsr recipes
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import warnings
+from pathlib import Path
+
+from gsr_plugin.data import DataNotFoundError
+
+__all__ = ["main"]
+
+# errors that are the user's to fix: printed as one line, exit code 2
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, DataNotFoundError)
+
+
+def _say(message: str) -> None:
+    print(f"[gsr] {message}", file=sys.stderr, flush=True)
+
+
+def _quiet(verbose: bool) -> None:
+    """llm-compressor logs every module at INFO and GPTQ metrics above WARNING; keep
+    the console to progress bars and our own lines unless --verbose."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from llmcompressor.logger import LoggerConfig, configure_logger
+    from loguru import logger
+
+    configure_logger(LoggerConfig(console_log_level=None))  # keeps the METRIC level defined
+    logger.remove()
+    logger.add(sys.stderr, level="INFO" if verbose else "ERROR", format="{time:HH:mm:ss} | {level} | {message}")
+    if not verbose:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        for name in ("torch.fx._symbolic_trace", "lm-eval", "lm_eval"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+        warnings.filterwarnings("ignore", message=".*save a model with offloaded modules.*")
+
+
+def _windows(value: str) -> int | None:
+    return None if value == "all" else int(value)
+
+
+def _int_list(value: str) -> list[int]:
+    return [int(v) for v in value.split(",") if v]
+
+
+def _group(value: str) -> int | None:
+    return None if value in ("channel", "0") else int(value)
+
+
+def _add_data(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--data-dir",
+        default=None,
+        help="directory laid out like shared/data (wikitext2/, piqa/); default $GSR_DATA_DIR, "
+        "then shared/data beside the checkout, then the hub",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gsr", description="Grouped Sequency-arranged Rotation for llm-compressor")
+    parser.add_argument("--verbose", "-v", action="store_true", help="show llm-compressor's logs")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    q = commands.add_parser("quantize", help="apply a recipe and save a compressed-tensors checkpoint")
+    q.add_argument("--model", required=True, help="hub id, local directory, or 'default' (SmolLM2-135M-Instruct)")
+    q.add_argument("--recipe", required=True, help="YAML file, or a shipped recipe name (see `gsr recipes`)")
+    q.add_argument("--output", required=True, help="checkpoint directory (written atomically)")
+    q.add_argument("--calib-samples", type=int, default=32, help="calibration windows (default 32)")
+    q.add_argument("--calib-len", type=int, default=512, help="tokens per calibration window (default 512)")
+    q.add_argument("--seed", type=int, default=0, help="seed of the calibration windows")
+    q.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    _add_data(q)
+
+    e = commands.add_parser("eval", help="WikiText-2 perplexity and zero-shot accuracy")
+    e.add_argument("models", nargs="+", metavar="MODEL_OR_DIR", help="model(s): hub id, directory or 'default'")
+    e.add_argument("--ppl-windows", type=_windows, default=None, help="first N 2048-token windows, 'all' (default), 0 to skip")
+    e.add_argument("--tasks", default="", help="comma-separated zero-shot tasks (piqa), through lm-evaluation-harness")
+    e.add_argument("--limit", type=int, default=None, help="evaluate only the first N documents of each task")
+    e.add_argument("--batch-size", type=int, default=16)
+    e.add_argument("--json", default=None, help="write the figures and their settings to this file")
+    _add_data(e)
+
+    c = commands.add_parser("compare", help="the same GPTQ setting after each rotation: table and plot")
+    c.add_argument("--model", default="default")
+    c.add_argument("--bits", type=_int_list, default=[2, 3, 4], help="weight bits, e.g. 2,3,4")
+    c.add_argument("--methods", default=",".join(_default_methods()), help="comma-separated; see `gsr recipes --methods`")
+    c.add_argument("--group-size", type=_group, default=64, help="GPTQ group size, or 'channel' (default 64)")
+    c.add_argument("--symmetric", action="store_true", help="symmetric weights (default: asymmetric, as the GSR paper)")
+    c.add_argument("--block-size", type=int, default=None, help="rotation block (default: head_dim)")
+    c.add_argument("--calib-samples", type=int, default=32)
+    c.add_argument("--calib-len", type=int, default=512)
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--ppl-windows", type=_windows, default=10, help="first N windows (default 10), or 'all'")
+    c.add_argument("--out", default="compare-out", help="directory for compare.md, compare.png, compare.json")
+    _add_data(c)
+
+    r = commands.add_parser("recipes", help="list the shipped recipes")
+    r.add_argument("--methods", action="store_true", help="list the rotation methods instead")
+    return parser
+
+
+def _default_methods() -> list[str]:
+    from gsr_plugin.compare import DEFAULT_METHODS
+
+    return DEFAULT_METHODS
+
+
+def cmd_quantize(args) -> int:
+    from gsr_plugin.quantize import quantize
+
+    _say(f"quantizing {args.model} with {args.recipe} -> {args.output}")
+    output = quantize(
+        args.model,
+        args.recipe,
+        args.output,
+        calib_samples=args.calib_samples,
+        calib_len=args.calib_len,
+        seed=args.seed,
+        data_dir=args.data_dir,
+        overwrite=args.overwrite,
+    )
+    _say(f"saved {output} (compressed-tensors; recipe.yaml and gsr_quantize.json inside)")
+    print(output)
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from gsr_plugin.evaluate import evaluate
+
+    tasks = [t for t in args.tasks.split(",") if t]
+    reports = []
+    for model in args.models:
+        _say(f"evaluating {model}")
+        reports.append(evaluate(model, args.ppl_windows, tasks, args.data_dir, args.limit, args.batch_size))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(reports if len(reports) > 1 else reports[0], f, indent=2)
+            f.write("\n")
+    print(_eval_table(reports, tasks))
+    return 0
+
+
+def _eval_table(reports: list[dict], tasks: list[str]) -> str:
+    head = ["model", "quantization"]
+    if any("wikitext2" in r for r in reports):
+        w = next(r["wikitext2"] for r in reports if "wikitext2" in r)
+        head.append(f"WikiText-2 PPL ({w['windows']}/{w['total_windows']} windows of {w['seq_len']})")
+    for task in tasks:
+        head += [f"{task} acc", f"{task} acc_norm"]
+    rows = []
+    for r in reports:
+        row = [r["model"], r["quantization"]]
+        if "wikitext2" in r:
+            row.append(f"{r['wikitext2']['ppl']:.3f}")
+        for task in tasks:
+            z = r["zero_shot"][task]
+            row += [f"{z['acc']:.4f}", f"{z['acc_norm']:.4f}"]
+        rows.append(row)
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    limits = {z.get("limit") for r in reports for z in r.get("zero_shot", {}).values()}
+    if limits - {None}:
+        lines.append(f"(zero-shot on the first {limits.pop()} documents only)")
+    return "\n".join(lines)
+
+
+def cmd_compare(args) -> int:
+    from gsr_plugin.compare import CompareSettings, compare
+
+    settings = CompareSettings(
+        model=args.model,
+        bits=args.bits,
+        methods=[m for m in args.methods.split(",") if m],
+        group_size=args.group_size,
+        symmetric=args.symmetric,
+        block_size=args.block_size,
+        calib_samples=args.calib_samples,
+        calib_len=args.calib_len,
+        seed=args.seed,
+        ppl_windows=args.ppl_windows,
+        data_dir=args.data_dir,
+    )
+    _say(f"comparing {len(settings.methods)} methods x {len(settings.bits)} bit widths on {settings.model}")
+    compare(settings, args.out)
+    print((Path(args.out) / "compare.md").read_text())
+    _say(f"wrote {args.out}/compare.md, compare.png, compare.json")
+    return 0
+
+
+def cmd_recipes(args) -> int:
+    from gsr_plugin.recipes import METHODS, recipes_dir
+
+    if args.methods:
+        for name, text in METHODS.items():
+            print(f"{name:16s} {text}")
+        return 0
+    for path in sorted(recipes_dir().glob("*.yaml")):
+        first = path.read_text().splitlines()[0].lstrip("# ")
+        print(f"{path.stem:36s} {first.split(': ', 1)[-1]}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _quiet(args.verbose)
+    handler = {"quantize": cmd_quantize, "eval": cmd_eval, "compare": cmd_compare, "recipes": cmd_recipes}[args.command]
+    try:
+        return handler(args)
+    except USER_ERRORS as error:
+        if args.verbose:
+            raise
+        print(f"gsr {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

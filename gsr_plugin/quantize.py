@@ -1,0 +1,125 @@
+"""``gsr quantize``: a model and a recipe in, a compressed-tensors checkpoint out,
+written atomically: the checkpoint is built in a hidden sibling directory and renamed
+into place only when everything (oneshot, save, provenance) succeeded, so a failure
+never leaves something at ``output`` that looks like a finished checkpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from gsr_plugin.data import calibration_windows
+from gsr_plugin.models import resolve_model
+from gsr_plugin.recipes import resolve_recipe
+
+__all__ = ["OutputExistsError", "quantize", "atomic_directory", "PROVENANCE_FILE"]
+
+PROVENANCE_FILE = "gsr_quantize.json"
+
+
+class OutputExistsError(FileExistsError):
+    pass
+
+
+@contextmanager
+def atomic_directory(output: Path, overwrite: bool = False):
+    """Yield a fresh staging directory beside ``output``; on normal exit it replaces
+    ``output``, on an exception it is deleted and ``output`` is left as it was."""
+    output = Path(output)
+    if output.exists() and not overwrite:
+        raise OutputExistsError(f"{output} already exists; pass --overwrite to replace it")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = output.parent / f".{output.name}.partial-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    retired = output.parent / f".{output.name}.old-{os.getpid()}"
+    if output.exists():
+        output.rename(retired)
+    staging.rename(output)
+    shutil.rmtree(retired, ignore_errors=True)
+
+
+def quantize(
+    model: str,
+    recipe: str,
+    output: str | Path,
+    *,
+    calib_samples: int = 32,
+    calib_len: int = 512,
+    seed: int = 0,
+    data_dir: str | None = None,
+    overwrite: bool = False,
+    dtype: str = "auto",
+) -> Path:
+    """Apply ``recipe`` (a YAML path or a shipped recipe name) to ``model`` with
+    WikiText-2 validation windows for calibration, and save the checkpoint, its
+    tokenizer, ``recipe.yaml`` and ``gsr_quantize.json`` (the settings) at ``output``."""
+    import gsr_plugin  # noqa: F401  (registers GSRModifier for YAML recipes)
+    from datasets import Dataset
+    from llmcompressor import oneshot
+    from llmcompressor.recipe import Recipe
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    output = Path(output)
+    if output.exists() and not overwrite:  # before any expensive work
+        raise OutputExistsError(f"{output} already exists; pass --overwrite to replace it")
+    recipe_path = resolve_recipe(recipe)
+    modifiers = Recipe.create_instance(str(recipe_path)).modifiers  # fails fast on a bad recipe
+    needs_data = any(m.requires_calibration_data for m in modifiers)
+    path = resolve_model(model)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    dataset = None
+    if needs_data:
+        windows = calibration_windows(tokenizer, calib_samples, calib_len, seed, data_dir)
+        dataset = Dataset.from_dict({"input_ids": windows.tolist(), "attention_mask": torch.ones_like(windows).tolist()})
+    loaded = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+
+    with atomic_directory(output, overwrite) as staging:
+        start = time.perf_counter()
+        oneshot(
+            model=loaded,
+            processor=tokenizer,
+            dataset=dataset,
+            recipe=str(recipe_path),
+            num_calibration_samples=calib_samples,
+            max_seq_length=calib_len,
+            output_dir=str(staging),
+            save_compressed=True,
+        )
+        provenance = {
+            "model": model,
+            "model_path": str(path),
+            "recipe": str(recipe_path),
+            "calibration": (
+                {"data": "wikitext2 validation", "samples": calib_samples, "seq_len": calib_len, "seed": seed}
+                if needs_data
+                else None
+            ),
+            "seconds": round(time.perf_counter() - start, 1),
+            "versions": _versions(),
+        }
+        (staging / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n")
+    return output
+
+
+def _versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in ("gsr-plugin", "llmcompressor", "compressed-tensors", "transformers", "torch"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = None
+    return out

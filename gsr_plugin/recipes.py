@@ -1,0 +1,207 @@
+"""Recipes: one function builds every rotation + GPTQ setting that ``gsr compare``
+runs, and the YAML files in ``recipes/`` are written from it (``python -m
+gsr_plugin.recipes``), so a file and the comparison that cites it cannot drift.
+
+A file name spells its setting: ``{method}_w{bits}a{act}[_g{group}|_ch][_asym]_gptq.yaml``
+(``ch``: one scale per output channel; ``asym``: with zero points).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+__all__ = [
+    "METHODS",
+    "RecipeSetting",
+    "build_recipe",
+    "recipe_yaml",
+    "recipes_dir",
+    "resolve_recipe",
+    "shipped_settings",
+    "write_recipes",
+]
+
+# method -> what it is, for comments, tables and --help
+METHODS: dict[str, str] = {
+    "none": "no rotation",
+    "hadamard": "natural-order Hadamard blocks (llm-compressor SpinQuantModifier, transform_type hadamard; QuaRot-style)",
+    "random_hadamard": "random Hadamard blocks (llm-compressor SpinQuantModifier, transform_type random-hadamard)",
+    "natural": "GSRModifier with ordering natural: exact block Hadamard, GSR's ordering ablation",
+    "gsr": "GSR: grouped sequency-ordered Walsh blocks (GSRModifier)",
+    "gsr_random": "GSR with seeded random signs on each block's rows",
+    "spinquant_gsr": "llm-compressor SpinQuant (hadamard) first, then GSR on top",
+}
+
+
+@dataclass(frozen=True)
+class RecipeSetting:
+    """A rotation method followed by GPTQ.
+
+    :param weight_bits: integer weight bits (2, 3, 4, 8)
+    :param group_size: weights per scale along the input dim; None = per channel
+    :param symmetric: no zero point (False: asymmetric, as the GSR paper's GPTQ runs)
+    :param activation_bits: 16 (weight-only) or 8 (int8 dynamic per-token activations)
+    :param block_size: rotation block; None = the model's head_dim
+    """
+
+    method: str = "gsr"
+    weight_bits: int = 4
+    group_size: int | None = 64
+    symmetric: bool = True
+    activation_bits: int = 16
+    block_size: int | None = None
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; choose from {', '.join(METHODS)}")
+        if self.activation_bits not in (8, 16):
+            raise ValueError("activation_bits must be 16 (weight-only) or 8 (int8 dynamic per token)")
+
+    @property
+    def name(self) -> str:
+        group = "" if self.activation_bits == 8 and self.group_size is None else (
+            f"_g{self.group_size}" if self.group_size else "_ch"
+        )
+        asym = "" if self.symmetric else "_asym"
+        return f"{self.method}_w{self.weight_bits}a{self.activation_bits}{group}{asym}_gptq"
+
+    @property
+    def description(self) -> str:
+        group = f"groups of {self.group_size}" if self.group_size else "one scale per output channel"
+        kind = "symmetric" if self.symmetric else "asymmetric (zero points)"
+        acts = "16-bit activations" if self.activation_bits == 16 else "int8 dynamic per-token activations"
+        return f"{METHODS[self.method]}; then GPTQ int{self.weight_bits} {kind} weights in {group}, {acts}"
+
+
+def _rotation_modifiers(setting: RecipeSetting) -> dict:
+    block = {} if setting.block_size is None else {"block_size": setting.block_size}
+    spin_block = {"transform_block_size": setting.block_size or "head_dim"}
+    spin = lambda kind: {"rotations": ["R1", "R2"], "transform_type": kind, **spin_block}  # noqa: E731
+    return {
+        "none": {},
+        "hadamard": {"SpinQuantModifier": spin("hadamard")},
+        "random_hadamard": {"SpinQuantModifier": spin("random-hadamard")},
+        "natural": {"GSRModifier": {"rotations": ["R1", "R2"], "ordering": "natural", **block}},
+        "gsr": {"GSRModifier": {"rotations": ["R1", "R2"], **block}},
+        "gsr_random": {"GSRModifier": {"rotations": ["R1", "R2"], "randomize": True, "seed": 0, **block}},
+        "spinquant_gsr": {
+            "SpinQuantModifier": spin("hadamard"),
+            "GSRModifier": {"rotations": ["R1", "R2"], **block},
+        },
+    }[setting.method]
+
+
+def build_recipe(setting: RecipeSetting, head_dim: int | None = None) -> dict:
+    """The recipe as a dict (llm-compressor's stage/modifier layout). ``head_dim``
+    resolves the SpinQuant block where ``block_size`` is None (GSRModifier resolves
+    its own from the model)."""
+    weights = {
+        "num_bits": setting.weight_bits,
+        "type": "int",
+        "symmetric": setting.symmetric,
+        "strategy": "group" if setting.group_size else "channel",
+    }
+    if setting.group_size:
+        weights["group_size"] = setting.group_size
+    scheme = {"targets": ["Linear"], "weights": weights}
+    if setting.activation_bits == 8:
+        scheme["input_activations"] = {
+            "num_bits": 8, "type": "int", "symmetric": True, "strategy": "token", "dynamic": True,
+        }
+    modifiers = _rotation_modifiers(setting)
+    for fields in modifiers.values():
+        if fields.get("transform_block_size") == "head_dim":
+            if head_dim is None:
+                raise ValueError("SpinQuant needs an explicit block: pass head_dim or set block_size")
+            fields["transform_block_size"] = head_dim
+    modifiers["GPTQModifier"] = {"ignore": ["lm_head"], "config_groups": {"group_0": scheme}}
+    return {"quant_stage": {"quant_modifiers": modifiers}}
+
+
+def recipe_yaml(setting: RecipeSetting, head_dim: int | None = None) -> str:
+    header = f"# {setting.name}: {setting.description}.\n"
+    if setting.method in ("hadamard", "random_hadamard", "spinquant_gsr") and setting.block_size is None:
+        header += f"# Rotation blocks of {head_dim} (the default model's head_dim).\n"
+    header += "# Written by `python -m gsr_plugin.recipes`; `gsr compare` runs the same recipe.\n"
+    return header + yaml.safe_dump(build_recipe(setting, head_dim), sort_keys=False)
+
+
+# What ships in recipes/: the serving settings and the baselines `gsr compare` uses on
+# the default model (hidden 576, head_dim 64, so groups and blocks of 64).
+DEFAULT_MODEL_HEAD_DIM = 64
+
+
+def shipped_settings() -> list[RecipeSetting]:
+    settings = [
+        RecipeSetting("gsr", 4, 64),  # serves: vLLM WNA16 (symmetric, like preset W4A16)
+        RecipeSetting("gsr", 4, 128),  # LLaMA-2-7B-like models (dims divisible by 128)
+        RecipeSetting("gsr", 3, 64, symmetric=False),
+        RecipeSetting("gsr", 2, 64, symmetric=False),
+        RecipeSetting("gsr", 8, None, activation_bits=8),  # W8A8 int8, dynamic per token
+        RecipeSetting("spinquant_gsr", 4, 64),
+    ]
+    for method in ("none", "hadamard", "random_hadamard", "gsr", "gsr_random"):
+        for bits in (2, 3, 4):
+            settings.append(RecipeSetting(method, bits, 64, symmetric=False))
+    return list(dict.fromkeys(settings))
+
+
+def recipes_dir() -> Path:
+    """``$GSR_RECIPES_DIR``, else ``recipes/`` of this checkout."""
+    if os.environ.get("GSR_RECIPES_DIR"):
+        return Path(os.environ["GSR_RECIPES_DIR"])
+    return Path(__file__).resolve().parent.parent / "recipes"
+
+
+def resolve_recipe(name_or_path: str) -> Path:
+    """A YAML file path, or the name of a shipped recipe (with or without .yaml)."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    stem = re.sub(r"\.ya?ml$", "", name_or_path)
+    candidate = recipes_dir() / f"{stem}.yaml"
+    if candidate.is_file():
+        return candidate
+    available = sorted(p.stem for p in recipes_dir().glob("*.yaml"))
+    raise FileNotFoundError(
+        f"recipe {name_or_path!r} is neither a file nor a shipped recipe; shipped "
+        f"({recipes_dir()}): {', '.join(available) or 'none'}"
+    )
+
+
+def write_recipes(directory: Path) -> list[Path]:
+    directory.mkdir(parents=True, exist_ok=True)
+    written = []
+    for setting in shipped_settings():
+        path = directory / f"{setting.name}.yaml"
+        path.write_text(recipe_yaml(setting, DEFAULT_MODEL_HEAD_DIM))
+        written.append(path)
+    return written
+
+
+def setting_from_name(name: str) -> RecipeSetting:
+    """Inverse of ``RecipeSetting.name`` (for tests and tables)."""
+    pattern = r"(?P<m>[a-z_]+?)_w(?P<w>\d+)a(?P<a>\d+)(?:_g(?P<g>\d+)|(?P<ch>_ch))?(?P<asym>_asym)?_gptq$"
+    match = re.fullmatch(pattern, name)
+    if not match:
+        raise ValueError(f"{name!r} does not spell a recipe setting")
+    return RecipeSetting(
+        method=match["m"],
+        weight_bits=int(match["w"]),
+        group_size=int(match["g"]) if match["g"] else None,
+        symmetric=match["asym"] is None,
+        activation_bits=int(match["a"]),
+    )
+
+
+if __name__ == "__main__":
+    import sys
+
+    target = Path(sys.argv[1]) if len(sys.argv) > 1 else recipes_dir()
+    for written_path in write_recipes(target):
+        print(written_path)

@@ -1,0 +1,57 @@
+"""gsr_plugin.compare: a real (tiny) comparison run, and the table and plot writers."""
+
+import json
+import math
+
+import pytest
+
+from gsr_plugin.compare import CompareSettings, compare, markdown_table, plot
+
+
+def test_compare_runs_every_method_and_bit_width(tiny_checkpoints, small_data, tmp_path):
+    settings = CompareSettings(
+        model=str(tiny_checkpoints["llama"]), bits=[3, 4], methods=["none", "hadamard", "gsr"],
+        group_size=32, calib_samples=2, calib_len=32, ppl_windows=1, data_dir=str(small_data),
+    )
+    report = compare(settings, tmp_path, command="gsr compare (test)")
+    assert [(r["method"], r["bits"]) for r in report["runs"]] == [
+        ("none", 3), ("hadamard", 3), ("gsr", 3), ("none", 4), ("hadamard", 4), ("gsr", 4)
+    ]
+    assert all(math.isfinite(r["ppl"]) and r["ppl"] > 1 for r in report["runs"])
+    assert report["runs"][0]["recipe"] == "none_w3a16_g32_asym_gptq"
+    assert json.loads((tmp_path / "compare.json").read_text()) == report
+    table = (tmp_path / "compare.md").read_text()
+    assert "| gsr |" in table and "| W3 | W4 |" in table and "gsr compare (test)" in table
+    assert (tmp_path / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_unknown_method_is_refused():
+    with pytest.raises(ValueError, match="quarot"):
+        CompareSettings(methods=["quarot"])
+
+
+def fake_report():
+    return {
+        "command": "gsr compare --bits 2,3",
+        "settings": {"model": "m", "group_size": 64, "symmetric": False, "calib_samples": 4, "calib_len": 8, "seed": 0},
+        "fp": {"ppl": 20.0, "windows": 3, "total_windows": 9, "seq_len": 2048},
+        "runs": [
+            {"method": "none", "bits": 2, "ppl": float("inf")},
+            {"method": "none", "bits": 3, "ppl": 41.04},
+            {"method": "gsr", "bits": 2, "ppl": 12345.0},
+            {"method": "gsr", "bits": 3, "ppl": 30.0},
+        ],
+    }
+
+
+def test_table_states_protocol_and_formats_extremes():
+    table = markdown_table(fake_report())
+    assert "first 3 of 9 windows of 2048 tokens" in table and "asymmetric" in table
+    assert "| none | inf | 41.0 |" in table
+    assert "| gsr | 1.23e+04 | 30.0 |" in table
+    assert "| float32 (no quantization) | 20.0 | 20.0 |" in table
+
+
+def test_plot_skips_infinite_points(tmp_path):
+    plot(fake_report(), tmp_path / "p.png")
+    assert (tmp_path / "p.png").stat().st_size > 1000

@@ -1,0 +1,82 @@
+"""gsr_plugin.recipes: the shipped files are what the code builds, and they parse."""
+
+import pytest
+import yaml
+from llmcompressor.recipe import Recipe
+
+from gsr_plugin import GSRModifier
+from gsr_plugin.recipes import (
+    DEFAULT_MODEL_HEAD_DIM,
+    METHODS,
+    RecipeSetting,
+    build_recipe,
+    recipes_dir,
+    resolve_recipe,
+    setting_from_name,
+    shipped_settings,
+)
+
+SHIPPED = sorted(recipes_dir().glob("*.yaml"))
+
+
+def test_every_shipped_setting_has_its_file_and_nothing_else_ships():
+    assert {p.stem for p in SHIPPED} == {s.name for s in shipped_settings()}
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)
+def test_shipped_file_is_the_built_recipe_and_loads(path):
+    setting = setting_from_name(path.stem)
+    assert yaml.safe_load(path.read_text()) == build_recipe(setting, DEFAULT_MODEL_HEAD_DIM)
+    assert path.read_text().startswith(f"# {path.stem}: ")  # says what it is for
+    modifiers = Recipe.create_instance(str(path)).modifiers
+    assert type(modifiers[-1]).__name__ == "GPTQModifier"
+    if "gsr" in setting.method:
+        assert any(isinstance(m, GSRModifier) for m in modifiers)
+
+
+def test_names_spell_settings_both_ways():
+    for setting in shipped_settings():
+        assert setting_from_name(setting.name) == setting
+    assert RecipeSetting("gsr", 4, None, activation_bits=16).name == "gsr_w4a16_ch_gptq"
+    with pytest.raises(ValueError, match="does not spell"):
+        setting_from_name("gsr-w4")
+
+
+def test_w8a8_quantizes_activations_dynamically_per_token():
+    scheme = build_recipe(RecipeSetting("gsr", 8, None, activation_bits=8))["quant_stage"]["quant_modifiers"]
+    acts = scheme["GPTQModifier"]["config_groups"]["group_0"]["input_activations"]
+    assert acts == {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "token", "dynamic": True}
+
+
+def test_spinquant_after_gsr_recipe_puts_gsr_second():
+    mods = build_recipe(RecipeSetting("spinquant_gsr"), 64)["quant_stage"]["quant_modifiers"]
+    assert list(mods) == ["SpinQuantModifier", "GSRModifier", "GPTQModifier"]
+
+
+def test_spinquant_methods_need_a_block():
+    with pytest.raises(ValueError, match="explicit block"):
+        build_recipe(RecipeSetting("hadamard"))
+    assert build_recipe(RecipeSetting("hadamard", block_size=32))["quant_stage"]["quant_modifiers"][
+        "SpinQuantModifier"
+    ]["transform_block_size"] == 32
+
+
+def test_bad_settings_and_names_are_refused():
+    with pytest.raises(ValueError, match="unknown method"):
+        RecipeSetting("quarot")
+    with pytest.raises(ValueError, match="activation_bits"):
+        RecipeSetting(activation_bits=4)
+    with pytest.raises(FileNotFoundError, match="gsr_w4a16_g64_gptq"):
+        resolve_recipe("gsr_w5a16")
+
+
+def test_resolve_by_name_or_path(tmp_path):
+    assert resolve_recipe("gsr_w4a16_g64_gptq") == recipes_dir() / "gsr_w4a16_g64_gptq.yaml"
+    assert resolve_recipe("gsr_w4a16_g64_gptq.yaml") == recipes_dir() / "gsr_w4a16_g64_gptq.yaml"
+    own = tmp_path / "mine.yaml"
+    own.write_text("x: 1")
+    assert resolve_recipe(str(own)) == own
+
+
+def test_every_method_is_described():
+    assert all(METHODS[s.method] for s in shipped_settings())
