@@ -6,8 +6,16 @@ types with compressed-tensors and ``GSRModifier`` with llm-compressor's
 no-op.
 """
 
-from gsr_plugin.modifier import GSRModifier, GSRRotation
-from gsr_plugin.transform import SEQUENCY_WALSH, NATURAL_WALSH, register_transform_types
+import os
+import sys
+
+if os.path.basename(sys.argv[0]) == "gsr" and not {"-v", "--verbose"} & set(sys.argv):
+    # the `gsr` command keeps stdout for results: llm-compressor logs its device
+    # warning to stdout while it is imported, before the CLI can configure logging
+    os.environ.setdefault("LLM_COMPRESSOR_LOG_LEVEL", "ERROR")
+
+from gsr_plugin.modifier import GSRModifier, GSRRotation  # noqa: E402
+from gsr_plugin.transform import NATURAL_WALSH, SEQUENCY_WALSH, register_transform_types  # noqa: E402
 
 __all__ = ["GSRModifier", "GSRRotation", "SEQUENCY_WALSH", "NATURAL_WALSH", "register"]
 __version__ = "0.1.0"
