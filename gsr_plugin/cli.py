@@ -3,6 +3,7 @@
     gsr quantize --model default --recipe gsr_w4a16_g64_gptq --output out/smollm2-gsr-w4a16
     gsr eval default out/smollm2-gsr-w4a16 --ppl-windows 10 --tasks piqa
     gsr compare --model default --bits 2,3,4 --out docs/compare
+    gsr serve-check out/smollm2-gsr-w4a16
     gsr recipes
 """
 
@@ -106,6 +107,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", default="compare-out", help="directory for compare.md, compare.png, compare.json")
     _add_data(c)
 
+    s = commands.add_parser("serve-check", help="serve a checkpoint with vLLM and compare with transformers")
+    s.add_argument("checkpoint", metavar="DIR")
+    s.add_argument("--dtype", default="bfloat16", help="vLLM's dtype (its CPU int4/int8 kernels take bfloat16 or float16)")
+    s.add_argument("--max-tokens", type=int, default=16, help="greedy tokens per prompt")
+    s.add_argument("--device", choices=["cpu", "cuda"], default=None, help="vLLM's platform (default: cuda if available)")
+    s.add_argument("--vllm-python", default=None, help="python of an environment with vLLM (default: scripts/vllm_env.sh)")
+    s.add_argument("--json", default=None, help="write the report to this file")
+
     r = commands.add_parser("recipes", help="list the shipped recipes")
     r.add_argument("--methods", action="store_true", help="list the rotation methods instead")
     return parser
@@ -132,8 +141,23 @@ def cmd_quantize(args) -> int:
         overwrite=args.overwrite,
     )
     _say(f"saved {output} (compressed-tensors; recipe.yaml and gsr_quantize.json inside)")
+    _say_servability(output)
     print(output)
     return 0
+
+
+def _say_servability(checkpoint) -> None:
+    from gsr_plugin.serving import unservable_reasons
+
+    cpu, gpu = unservable_reasons(checkpoint, "cpu"), unservable_reasons(checkpoint, "cuda")
+    if not cpu:
+        _say(f"vLLM can serve it: `vllm serve {checkpoint}`; check with `gsr serve-check {checkpoint}`")
+        return
+    _say("vLLM cannot serve this checkpoint on CPU:\n  - " + "\n  - ".join(cpu))
+    if gpu:
+        _say("nor on GPU:\n  - " + "\n  - ".join(gpu))
+    else:
+        _say("vLLM's GPU kernels take this setting (by vLLM 0.32's rules; not checked on a GPU here)")
 
 
 def cmd_eval(args) -> int:
@@ -199,6 +223,25 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def cmd_serve_check(args) -> int:
+    from gsr_plugin.serving import serve_check
+
+    device = args.device or _default_device()
+    _say(f"serving {args.checkpoint} with vLLM ({device}, {args.dtype}) and transformers")
+    python = Path(args.vllm_python) if args.vllm_python else None
+    report = serve_check(args.checkpoint, dtype=args.dtype, max_tokens=args.max_tokens, device=device, python=python)
+    if args.json:
+        Path(args.json).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+    print(report.text())
+    return 0 if report.ok else 1
+
+
+def _default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def cmd_recipes(args) -> int:
     from gsr_plugin.recipes import METHODS, recipes_dir
 
@@ -215,7 +258,13 @@ def cmd_recipes(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _quiet(args.verbose)
-    handler = {"quantize": cmd_quantize, "eval": cmd_eval, "compare": cmd_compare, "recipes": cmd_recipes}[args.command]
+    handler = {
+        "quantize": cmd_quantize,
+        "eval": cmd_eval,
+        "compare": cmd_compare,
+        "serve-check": cmd_serve_check,
+        "recipes": cmd_recipes,
+    }[args.command]
     try:
         return handler(args)
     except USER_ERRORS as error:
