@@ -1,9 +1,9 @@
 """gsr-plugin: Grouped Sequency-arranged Rotation (GSR) for llm-compressor.
 
-``import gsr_plugin`` registers the ``sequency-walsh`` and ``natural-walsh`` transform
-types with compressed-tensors and ``GSRModifier`` with llm-compressor's
-``ModifierFactory``, so recipes (Python or YAML) can name it. Importing again is a
-no-op.
+``import gsr_plugin`` registers the ``sequency-walsh``, ``natural-walsh`` and
+``random-orthogonal`` transform types with compressed-tensors, and ``GSRModifier`` (and
+the ``RandomRotationModifier`` baseline) with llm-compressor's ``ModifierFactory``, so
+recipes (Python or YAML) can name them. Importing again is a no-op.
 """
 
 import os
@@ -14,10 +14,11 @@ if os.path.basename(sys.argv[0]) == "gsr" and not {"-v", "--verbose"} & set(sys.
     # warning to stdout while it is imported, before the CLI can configure logging
     os.environ.setdefault("LLM_COMPRESSOR_LOG_LEVEL", "ERROR")
 
+from gsr_plugin.baselines import RandomRotationModifier  # noqa: E402
 from gsr_plugin.modifier import GSRModifier, GSRRotation  # noqa: E402
 from gsr_plugin.transform import NATURAL_WALSH, SEQUENCY_WALSH, register_transform_types  # noqa: E402
 
-__all__ = ["GSRModifier", "GSRRotation", "SEQUENCY_WALSH", "NATURAL_WALSH", "register"]
+__all__ = ["GSRModifier", "GSRRotation", "RandomRotationModifier", "SEQUENCY_WALSH", "NATURAL_WALSH", "register"]
 __version__ = "0.1.0"
 
 
@@ -27,6 +28,7 @@ def register() -> None:
 
     register_transform_types()
     ModifierFactory.register("GSRModifier", GSRModifier)
+    ModifierFactory.register("RandomRotationModifier", RandomRotationModifier)
 
 
 register()

@@ -19,7 +19,7 @@ from gsr_plugin.models import resolve_model
 from gsr_plugin.perplexity import perplexity
 from gsr_plugin.recipes import METHODS, RecipeSetting, recipe_yaml
 
-__all__ = ["CompareSettings", "DEFAULT_METHODS", "compare", "markdown_table", "plot"]
+__all__ = ["CompareSettings", "DEFAULT_METHODS", "compare", "run_settings", "markdown_table", "plot"]
 
 DEFAULT_METHODS = ["none", "hadamard", "random_hadamard", "gsr", "gsr_random"]
 
@@ -45,58 +45,124 @@ class CompareSettings:
 
 
 def compare(settings: CompareSettings, out_dir: str | Path, command: str | None = None) -> dict:
-    """Run every (method, bits), write ``compare.json`` after each run (a long run
-    that stops keeps what it measured) and the table and plot at the end."""
+    """Every (method, bits) of ``settings``; ``compare.json`` is written after each
+    run, then the table and the plot."""
+    out_dir = Path(out_dir)
+    runs = [
+        RecipeSetting(method, bits, settings.group_size, settings.symmetric, block_size=settings.block_size)
+        for bits in settings.bits
+        for method in settings.methods
+    ]
+    report = run_settings(
+        settings.model,
+        runs,
+        out_dir / "compare.json",
+        calib_samples=settings.calib_samples,
+        calib_len=settings.calib_len,
+        seed=settings.seed,
+        ppl_windows=settings.ppl_windows,
+        data_dir=settings.data_dir,
+        command=command,
+        extra={"settings": asdict(settings) | {"data_dir": str(find_data_dir(settings.data_dir) or "hub")}},
+    )
+    (out_dir / "compare.md").write_text(markdown_table(report))
+    plot(report, out_dir / "compare.png")
+    return report
+
+
+def run_settings(
+    model: str,
+    settings: list[RecipeSetting],
+    out_json: str | Path,
+    *,
+    calib_samples: int = 32,
+    calib_len: int = 512,
+    seed: int = 0,
+    ppl_windows: int | None = 10,
+    data_dir: str | None = None,
+    command: str | None = None,
+    extra: dict | None = None,
+    resume: bool = False,
+) -> dict:
+    """Quantize a fresh copy of ``model`` with each setting (rotation + GPTQ, in
+    memory) and measure WikiText-2 perplexity; ``out_json`` is rewritten after every
+    run. With ``resume``, runs already in ``out_json`` under the same calibration and
+    evaluation settings are kept instead of repeated."""
     import gsr_plugin  # noqa: F401
     from datasets import Dataset
     from llmcompressor import oneshot
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = resolve_model(settings.model)
+    from gsr_plugin.rotation import head_dim_of
+
+    out_json = Path(out_json)
+    out_json.parent.mkdir(parents=True, exist_ok=True)
+    path = resolve_model(model)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    stream = tokenizer(wikitext2_test_text(settings.data_dir), return_tensors="pt").input_ids
-    windows = calibration_windows(tokenizer, settings.calib_samples, settings.calib_len, settings.seed, settings.data_dir)
+    stream = tokenizer(wikitext2_test_text(data_dir), return_tensors="pt").input_ids
+    windows = calibration_windows(tokenizer, calib_samples, calib_len, seed, data_dir)
     dataset = Dataset.from_dict({"input_ids": windows.tolist(), "attention_mask": torch.ones_like(windows).tolist()})
+    protocol = {"model": model, "calib_samples": calib_samples, "calib_len": calib_len, "seed": seed,
+                "ppl_windows": ppl_windows}
 
     def load():
         return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
 
-    fp_model = load()
-    head_dim = getattr(fp_model.config, "head_dim", None) or fp_model.config.hidden_size // fp_model.config.num_attention_heads
-    fp = perplexity(fp_model, stream, max_windows=settings.ppl_windows, progress=False)
-    del fp_model
+    previous = json.loads(out_json.read_text()) if resume and out_json.is_file() else {}
+    if previous.get("protocol") != protocol:
+        previous = {}
+    if "fp" in previous:
+        fp = previous["fp"]
+    else:
+        fp = perplexity(load(), stream, max_windows=ppl_windows, progress=False).to_dict()
+    head_dim = head_dim_of(AutoConfig.from_pretrained(path))
     report = {
-        "command": command or "gsr compare " + " ".join(shlex.quote(a) for a in sys.argv[2:]),
-        "settings": asdict(settings) | {"data_dir": str(find_data_dir(settings.data_dir) or "hub")},
-        "fp": fp.to_dict(),
+        "command": command or "gsr " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+        "protocol": protocol,
+        **(extra or {}),
+        "fp": fp,
         "runs": [],
     }
-    runs = [(m, b) for b in settings.bits for m in settings.methods]
-    for method, bits in tqdm(runs, desc="compare", unit="run"):
-        setting = RecipeSetting(method, bits, settings.group_size, settings.symmetric, block_size=settings.block_size)
-        model = load()
+    done = {r["recipe"]: r for r in previous.get("runs", [])}
+    for setting in tqdm(settings, desc="runs", unit="run"):
+        if setting.name + _block_suffix(setting) in done:
+            report["runs"].append(done[setting.name + _block_suffix(setting)])
+            continue
+        quantized = load()
         start = time.perf_counter()
         oneshot(
-            model=model,
+            model=quantized,
             processor=tokenizer,
             dataset=dataset,
             recipe=recipe_yaml(setting, head_dim),
-            num_calibration_samples=settings.calib_samples,
-            max_seq_length=settings.calib_len,
+            num_calibration_samples=calib_samples,
+            max_seq_length=calib_len,
         )
         seconds = time.perf_counter() - start
-        result = perplexity(model, stream, max_windows=settings.ppl_windows, progress=False)
+        result = perplexity(quantized, stream, max_windows=ppl_windows, progress=False)
         report["runs"].append(
-            {"method": method, "bits": bits, "recipe": setting.name, "ppl": result.ppl, "quantize_seconds": round(seconds, 1)}
+            {
+                "recipe": setting.name + _block_suffix(setting),
+                "method": setting.method,
+                "bits": setting.weight_bits,
+                "group_size": setting.group_size,
+                "symmetric": setting.symmetric,
+                "activation_bits": setting.activation_bits,
+                "block_size": setting.block_size,
+                "ppl": result.ppl,
+                "windows": result.windows,
+                "quantize_seconds": round(seconds, 1),
+            }
         )
-        tqdm.write(f"{setting.name}: PPL {result.ppl:.2f}")
-        (out_dir / "compare.json").write_text(json.dumps(report, indent=2) + "\n")
-        del model
-    (out_dir / "compare.md").write_text(markdown_table(report))
-    plot(report, out_dir / "compare.png")
+        tqdm.write(f"{setting.name}{_block_suffix(setting)}: PPL {result.ppl:.2f}")
+        out_json.write_text(json.dumps(report, indent=2) + "\n")
+        del quantized
+    out_json.write_text(json.dumps(report, indent=2) + "\n")
     return report
+
+
+def _block_suffix(setting: RecipeSetting) -> str:
+    return "" if setting.block_size is None else f"_b{setting.block_size}"
 
 
 def _fmt(ppl: float) -> str:

@@ -31,7 +31,10 @@ METHODS: dict[str, str] = {
     "none": "no rotation",
     "hadamard": "natural-order Hadamard blocks (llm-compressor SpinQuantModifier, transform_type hadamard; QuaRot-style)",
     "random_hadamard": "random Hadamard blocks (llm-compressor SpinQuantModifier, transform_type random-hadamard)",
-    "natural": "GSRModifier with ordering natural: exact block Hadamard, GSR's ordering ablation",
+    "random_orthogonal": "full-width random orthogonal rotation (RandomRotationModifier), exact",
+    "random_hadamard_exact": "random Hadamard blocks of any K*2^m size (RandomRotationModifier kind hadamard), exact",
+    "natural": "natural-order Hadamard blocks (GSRModifier ordering natural), exact: GSR's ordering ablation",
+    "natural_random": "natural-order Hadamard blocks with random row signs (GSRModifier), exact",
     "gsr": "GSR: grouped sequency-ordered Walsh blocks (GSRModifier)",
     "gsr_random": "GSR with seeded random signs on each block's rows",
     "spinquant_gsr": "llm-compressor SpinQuant (hadamard) first, then GSR on top",
@@ -45,7 +48,7 @@ class RecipeSetting:
     :param weight_bits: integer weight bits (2, 3, 4, 8)
     :param group_size: weights per scale along the input dim; None = per channel
     :param symmetric: no zero point (False: asymmetric, as the GSR paper's GPTQ runs)
-    :param activation_bits: 16 (weight-only) or 8 (int8 dynamic per-token activations)
+    :param activation_bits: 16 (weight-only), or 8 / 4 (int dynamic per-token activations)
     :param block_size: rotation block; None = the model's head_dim
     """
 
@@ -59,12 +62,12 @@ class RecipeSetting:
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; choose from {', '.join(METHODS)}")
-        if self.activation_bits not in (8, 16):
-            raise ValueError("activation_bits must be 16 (weight-only) or 8 (int8 dynamic per token)")
+        if self.activation_bits not in (4, 8, 16):
+            raise ValueError("activation_bits must be 16 (weight-only), 8 or 4 (int, dynamic per token)")
 
     @property
     def name(self) -> str:
-        group = "" if self.activation_bits == 8 and self.group_size is None else (
+        group = "" if self.activation_bits == 8 and self.weight_bits == 8 and self.group_size is None else (
             f"_g{self.group_size}" if self.group_size else "_ch"
         )
         asym = "" if self.symmetric else "_asym"
@@ -74,7 +77,11 @@ class RecipeSetting:
     def description(self) -> str:
         group = f"groups of {self.group_size}" if self.group_size else "one scale per output channel"
         kind = "symmetric" if self.symmetric else "asymmetric (zero points)"
-        acts = "16-bit activations" if self.activation_bits == 16 else "int8 dynamic per-token activations"
+        acts = (
+            "16-bit activations"
+            if self.activation_bits == 16
+            else f"int{self.activation_bits} dynamic per-token activations"
+        )
         return f"{METHODS[self.method]}; then GPTQ int{self.weight_bits} {kind} weights in {group}, {acts}"
 
 
@@ -86,7 +93,12 @@ def _rotation_modifiers(setting: RecipeSetting) -> dict:
         "none": {},
         "hadamard": {"SpinQuantModifier": spin("hadamard")},
         "random_hadamard": {"SpinQuantModifier": spin("random-hadamard")},
+        "random_orthogonal": {"RandomRotationModifier": {"rotations": ["R1", "R2"], "kind": "orthogonal", **block}},
+        "random_hadamard_exact": {"RandomRotationModifier": {"rotations": ["R1", "R2"], "kind": "hadamard", **block}},
         "natural": {"GSRModifier": {"rotations": ["R1", "R2"], "ordering": "natural", **block}},
+        "natural_random": {
+            "GSRModifier": {"rotations": ["R1", "R2"], "ordering": "natural", "randomize": True, "seed": 0, **block}
+        },
         "gsr": {"GSRModifier": {"rotations": ["R1", "R2"], **block}},
         "gsr_random": {"GSRModifier": {"rotations": ["R1", "R2"], "randomize": True, "seed": 0, **block}},
         "spinquant_gsr": {
@@ -109,9 +121,9 @@ def build_recipe(setting: RecipeSetting, head_dim: int | None = None) -> dict:
     if setting.group_size:
         weights["group_size"] = setting.group_size
     scheme = {"targets": ["Linear"], "weights": weights}
-    if setting.activation_bits == 8:
+    if setting.activation_bits < 16:
         scheme["input_activations"] = {
-            "num_bits": 8, "type": "int", "symmetric": True, "strategy": "token", "dynamic": True,
+            "num_bits": setting.activation_bits, "type": "int", "symmetric": True, "strategy": "token", "dynamic": True,
         }
     modifiers = _rotation_modifiers(setting)
     for fields in modifiers.values():

@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 from compressed_tensors.transform import (
     HadamardFactory,
+    RandomMatrixFactory,
     TransformArgs,
     TransformFactory,
     TransformLocation,
@@ -35,6 +36,8 @@ from gsr_plugin.walsh import Ordering, grouped_walsh_transform, random_signs, wa
 __all__ = [
     "SEQUENCY_WALSH",
     "NATURAL_WALSH",
+    "RANDOM_ORTHOGONAL",
+    "RandomOrthogonalFactory",
     "TRANSFORM_TYPES",
     "WalshFactory",
     "SequencyWalshFactory",
@@ -45,6 +48,7 @@ __all__ = [
 
 SEQUENCY_WALSH = "sequency-walsh"
 NATURAL_WALSH = "natural-walsh"
+RANDOM_ORTHOGONAL = "random-orthogonal"
 TRANSFORM_TYPES: dict[str, Ordering] = {SEQUENCY_WALSH: "sequency", NATURAL_WALSH: "natural"}
 
 
@@ -183,6 +187,19 @@ class GroupedWalshTransform(TransformBase):
         )
 
 
+class RandomOrthogonalFactory(RandomMatrixFactory):
+    """A seeded random orthogonal matrix (Haar: QR of a Gaussian matrix, signs fixed
+    by R's diagonal), for the full-width random rotation baseline. The built-in
+    ``random-matrix`` type is invertible but not orthogonal, which no norm fusion can
+    make exact. The inverse is computed in float64 (equal to the transpose to 1e-15)."""
+
+    def _create_weight(self, size: int, device, precision: torch.dtype) -> Parameter:
+        gaussian = torch.randn(size, size, generator=self.generator, dtype=torch.float64)
+        q, r = torch.linalg.qr(gaussian)
+        q = q * torch.sign(torch.diagonal(r))[None, :]
+        return Parameter(q.to(precision).to(device), requires_grad=self.scheme.requires_grad)
+
+
 def register_transform_types() -> None:
     """Register the Walsh types in compressed-tensors' ``TransformFactory`` registry.
 
@@ -208,7 +225,8 @@ def _qualified_name(obj: type) -> str:
     return f"{obj.__module__}.{obj.__qualname__}"
 
 
-_FACTORIES: dict[str, type[WalshFactory]] = {
+_FACTORIES: dict[str, type[TransformFactory]] = {
     SEQUENCY_WALSH: SequencyWalshFactory,
     NATURAL_WALSH: NaturalWalshFactory,
+    RANDOM_ORTHOGONAL: RandomOrthogonalFactory,
 }

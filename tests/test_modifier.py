@@ -152,11 +152,11 @@ def test_after_spinquant_gsr_adds_no_error_and_fuses_no_norm_twice(load_tiny, to
     spin_only, both = load_tiny("llama"), load_tiny("llama")
     oneshot(model=spin_only, recipe=[SpinQuantModifier(rotations=["R1", "R2"], transform_block_size=32)])
 
-    import gsr_plugin.modifier as gsr_modifier
+    import gsr_plugin.rotation as rotation
 
     fused = []
-    real = gsr_modifier.fuse_norm_linears
-    monkeypatch.setattr(gsr_modifier, "fuse_norm_linears", lambda n, ls: fused.append(n) or real(n, ls))
+    real = rotation.fuse_norm_linears
+    monkeypatch.setattr(rotation, "fuse_norm_linears", lambda n, ls: fused.append(n) or real(n, ls))
     oneshot(
         model=both,
         recipe=[SpinQuantModifier(rotations=["R1", "R2"], transform_block_size=32), GSRModifier(block_size=16)],

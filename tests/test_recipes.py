@@ -42,10 +42,13 @@ def test_names_spell_settings_both_ways():
         setting_from_name("gsr-w4")
 
 
-def test_w8a8_quantizes_activations_dynamically_per_token():
-    scheme = build_recipe(RecipeSetting("gsr", 8, None, activation_bits=8))["quant_stage"]["quant_modifiers"]
+@pytest.mark.parametrize("bits", [8, 4])
+def test_activations_are_quantized_dynamically_per_token(bits):
+    setting = RecipeSetting("gsr", 8 if bits == 8 else 4, None if bits == 8 else 64, activation_bits=bits)
+    scheme = build_recipe(setting)["quant_stage"]["quant_modifiers"]
     acts = scheme["GPTQModifier"]["config_groups"]["group_0"]["input_activations"]
-    assert acts == {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "token", "dynamic": True}
+    assert acts == {"num_bits": bits, "type": "int", "symmetric": True, "strategy": "token", "dynamic": True}
+    assert setting.name == ("gsr_w8a8_gptq" if bits == 8 else "gsr_w4a4_g64_gptq")
 
 
 def test_spinquant_after_gsr_recipe_puts_gsr_second():
@@ -65,7 +68,7 @@ def test_bad_settings_and_names_are_refused():
     with pytest.raises(ValueError, match="unknown method"):
         RecipeSetting("quarot")
     with pytest.raises(ValueError, match="activation_bits"):
-        RecipeSetting(activation_bits=4)
+        RecipeSetting(activation_bits=6)
     with pytest.raises(FileNotFoundError, match="gsr_w4a16_g64_gptq"):
         resolve_recipe("gsr_w5a16")
 

@@ -1,0 +1,220 @@
+"""Does GSR beat the other training-free rotations on the default model? Run by hand
+(hours on 2 CPU cores; not in CI). Every run: a fresh float32 copy of the model, a
+rotation, GPTQ (asymmetric integer weights unless stated), WikiText-2 perplexity.
+Results go to ``<out>/<suite>.json`` after each run (``--resume`` continues a stopped
+suite); ``tables`` turns them into Markdown and plots.
+
+    python benchmarks/rotations.py main --out docs/results          # full test stream
+    python benchmarks/rotations.py blocks --out docs/results        # block size, group 64 and 32
+    python benchmarks/rotations.py activations --out docs/results   # W4A8, W4A4
+    python benchmarks/rotations.py tables --out docs/results
+
+All rotations here are applied exactly (RMSNorm scales fused, no mean-centering), so a
+difference between two rows is the matrix's doing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shlex
+import sys
+from pathlib import Path
+
+from gsr_plugin.compare import run_settings
+from gsr_plugin.recipes import METHODS, RecipeSetting
+
+# the issue's list: no rotation; full-width random orthogonal; natural-order Hadamard
+# blocks; random-sign Hadamard blocks; sequency blocks (GSR); GSR with random signs
+MAIN_METHODS = ["none", "random_orthogonal", "natural", "natural_random", "gsr", "gsr_random"]
+# (bits, group): group None = per-channel. W3 and W4 per-channel first: they separate
+MAIN_SETTINGS = [(3, 64), (4, None), (2, 64), (4, 64)]
+
+
+def main_suite() -> list[RecipeSetting]:
+    return [RecipeSetting(m, bits, group, symmetric=False) for bits, group in MAIN_SETTINGS for m in MAIN_METHODS]
+
+
+def blocks_suite() -> list[RecipeSetting]:
+    """W3, groups of 64 and 32: Walsh blocks 16/32/64 in both orders (ordering can only
+    matter where a group is smaller than a block), random Hadamard 192 and 576
+    (K * 2^m constructions), full-width random orthogonal."""
+    out = []
+    for group in (64, 32):
+        out.append(RecipeSetting("none", 3, group, symmetric=False))
+        for block in (16, 32, 64):
+            for method in ("natural", "gsr"):
+                out.append(RecipeSetting(method, 3, group, symmetric=False, block_size=block))
+        for block in (192, 576):
+            out.append(RecipeSetting("random_hadamard_exact", 3, group, symmetric=False, block_size=block))
+        out.append(RecipeSetting("random_orthogonal", 3, group, symmetric=False))
+    return out
+
+
+def activations_suite() -> list[RecipeSetting]:
+    """Weights int4 asymmetric g64 (GPTQ), activations int8 / int4 dynamic per token
+    (fake-quantized in the forward pass). R1+R2 only: down_proj's input is not rotated
+    (that needs the online R4)."""
+    return [
+        RecipeSetting(method, 4, 64, symmetric=False, activation_bits=acts)
+        for acts in (8, 4)
+        for method in ("none", "random_orthogonal", "natural", "gsr")
+    ]
+
+
+SUITES = {"main": main_suite, "blocks": blocks_suite, "activations": activations_suite}
+WINDOWS = {"main": None, "blocks": 20, "activations": 20}
+
+
+def run(suite: str, args) -> None:
+    windows = WINDOWS[suite] if args.ppl_windows is None else (None if args.ppl_windows == "all" else int(args.ppl_windows))
+    command = "python benchmarks/rotations.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    run_settings(
+        args.model,
+        SUITES[suite](),
+        Path(args.out) / f"{suite}.json",
+        calib_samples=args.calib_samples,
+        calib_len=args.calib_len,
+        ppl_windows=windows,
+        data_dir=args.data_dir,
+        command=command,
+        resume=args.resume,
+    )
+
+
+# ----------------------------------------------------------------- tables, plots
+
+
+def _fmt(ppl: float) -> str:
+    if not math.isfinite(ppl):
+        return "inf"
+    return f"{ppl:.2f}" if ppl < 100 else (f"{ppl:.0f}" if ppl < 10000 else f"{ppl:.2e}")
+
+
+def _protocol(report: dict) -> str:
+    p, fp = report["protocol"], report["fp"]
+    return (
+        f"`{p['model']}`, calibration {p['calib_samples']} x {p['calib_len']} tokens of WikiText-2 validation "
+        f"(seed {p['seed']}), perplexity on the first {fp['windows']} of {fp['total_windows']} windows of "
+        f"{fp['seq_len']} tokens (float32: {fp['ppl']:.2f}). Command: `{report['command']}`"
+    )
+
+
+def _column(run: dict) -> str:
+    group = f"g{run['group_size']}" if run["group_size"] else "per-channel"
+    acts = "" if run["activation_bits"] == 16 else f"A{run['activation_bits']}"
+    return f"W{run['bits']}{acts} {group}"
+
+
+def table(report: dict, row_key, column_key=_column) -> str:
+    runs = report["runs"]
+    rows = list(dict.fromkeys(row_key(r) for r in runs))
+    columns = list(dict.fromkeys(column_key(r) for r in runs))
+    cell = {(row_key(r), column_key(r)): r["ppl"] for r in runs}
+    lines = ["| rotation | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
+    for row in rows:
+        values = [_fmt(cell[(row, c)]) if (row, c) in cell else "" for c in columns]
+        lines.append(f"| {row} | " + " | ".join(values) + " |")
+    return "\n".join(lines)
+
+
+def _block_row(run: dict) -> str:
+    block = run["block_size"] or ("576 (full)" if run["method"] == "random_orthogonal" else "-")
+    return f"{run['method']}, block {block}" if run["method"] != "none" else "none"
+
+
+def plot_main(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    columns = list(dict.fromkeys(_column(r) for r in report["runs"]))
+    methods = list(dict.fromkeys(r["method"] for r in report["runs"]))
+    cell = {(r["method"], _column(r)): r["ppl"] for r in report["runs"]}
+    fig, axes = plt.subplots(1, len(columns), figsize=(3.2 * len(columns), 3.6), dpi=120)
+    for ax, column in zip(axes, columns):
+        values = [cell.get((m, column), float("nan")) for m in methods]
+        ax.bar(range(len(methods)), values, color=[f"C{i}" for i in range(len(methods))])
+        ax.axhline(report["fp"]["ppl"], color="black", linestyle="--", linewidth=1)
+        ax.set_title(column, fontsize=10)
+        ax.set_xticks(range(len(methods)), methods, rotation=60, ha="right", fontsize=8)
+        if max(v for v in values if math.isfinite(v)) > 100:
+            ax.set_yscale("log")
+    axes[0].set_ylabel("WikiText-2 PPL (dashed: float32)")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_blocks(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), dpi=120, sharey=True)
+    for ax, group in zip(axes, (64, 32)):
+        runs = [r for r in report["runs"] if r["group_size"] == group]
+        for method, marker in (("natural", "s"), ("gsr", "o")):
+            pts = sorted((r["block_size"], r["ppl"]) for r in runs if r["method"] == method)
+            ax.plot([b for b, _ in pts], [p for _, p in pts], marker=marker, label=method)
+        for r in runs:
+            if r["method"] == "random_hadamard_exact":
+                ax.scatter([r["block_size"]], [r["ppl"]], marker="^", color="C2",
+                           label="random Hadamard" if r["block_size"] == 192 else None)
+            if r["method"] == "random_orthogonal":
+                ax.scatter([576], [r["ppl"]], marker="x", color="C3", label="random orthogonal (576)")
+            if r["method"] == "none":
+                ax.axhline(r["ppl"], color="gray", linestyle=":", label="no rotation")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks([16, 32, 64, 192, 576], ["16", "32", "64", "192", "576"])
+        ax.set_title(f"W3 asymmetric, groups of {group}", fontsize=10)
+        ax.set_xlabel("rotation block size")
+    axes[0].set_ylabel(f"WikiText-2 PPL ({report['fp']['windows']} windows)")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def tables(out: Path) -> str:
+    parts = []
+    if (out / "main.json").is_file():
+        main = json.loads((out / "main.json").read_text())
+        parts += ["## Main table", "", _protocol(main), "", table(main, lambda r: r["method"]), ""]
+        plot_main(main, out / "main.png")
+    if (out / "blocks.json").is_file():
+        blocks = json.loads((out / "blocks.json").read_text())
+        parts += ["## Block size and ordering", "", _protocol(blocks), "", table(blocks, _block_row), ""]
+        plot_blocks(blocks, out / "blocks.png")
+    if (out / "activations.json").is_file():
+        acts = json.loads((out / "activations.json").read_text())
+        parts += ["## Activations", "", _protocol(acts), "", table(acts, lambda r: r["method"]), ""]
+    text = "\n".join(parts)
+    (out / "tables.md").write_text(text)
+    return text
+
+
+def cli(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("suite", choices=[*SUITES, "all", "tables"])
+    parser.add_argument("--out", default="docs/results")
+    parser.add_argument("--model", default="default")
+    parser.add_argument("--calib-samples", type=int, default=128)
+    parser.add_argument("--calib-len", type=int, default=512)
+    parser.add_argument("--ppl-windows", default=None, help="override: N or 'all' (main: all, others: 20)")
+    parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--resume", action="store_true", help="keep the runs already in <out>/<suite>.json")
+    args = parser.parse_args(argv)
+    if args.suite != "tables":
+        for suite in SUITES if args.suite == "all" else [args.suite]:
+            run(suite, args)
+    print(tables(Path(args.out)))
+
+
+assert set(MAIN_METHODS) <= set(METHODS)
+
+if __name__ == "__main__":
+    cli()
