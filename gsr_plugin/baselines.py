@@ -19,7 +19,7 @@ import torch
 from compressed_tensors.transform import TransformArgs, TransformScheme
 from pydantic import Field
 
-from gsr_plugin.rotation import FusedRotationModifier, Rotation
+from gsr_plugin.rotation import ONLINE_PRECISION, FusedRotationModifier, Rotation, head_dim_of
 from gsr_plugin.transform import RANDOM_ORTHOGONAL
 
 __all__ = ["RandomRotationModifier", "has_random_hadamard"]
@@ -47,12 +47,20 @@ class RandomRotationModifier(FusedRotationModifier):
     def _default_block_size(self, config) -> int:
         return config.hidden_size
 
-    def _check_block_size(self, hidden_size: int, head_dim: int) -> None:
+    def _default_r4_block_size(self, config) -> int:
+        return config.intermediate_size
+
+    def _check_block_size(self, config) -> None:
+        head_dim = head_dim_of(config)
         sizes = ([self.block_size] if Rotation.R1 in self.rotations else []) + (
-            [head_dim] if Rotation.R2 in self.rotations else []
-        )
-        if Rotation.R1 in self.rotations and hidden_size % self.block_size:
-            raise ValueError(f"block_size {self.block_size} does not divide hidden_size {hidden_size}")
+            [head_dim] if {Rotation.R2, Rotation.R3} & set(self.rotations) else []
+        ) + ([self.r4_block_size] if Rotation.R4 in self.rotations else [])
+        if Rotation.R1 in self.rotations and config.hidden_size % self.block_size:
+            raise ValueError(f"block_size {self.block_size} does not divide hidden_size {config.hidden_size}")
+        if Rotation.R4 in self.rotations and config.intermediate_size % self.r4_block_size:
+            raise ValueError(
+                f"r4_block_size {self.r4_block_size} does not divide intermediate_size {config.intermediate_size}"
+            )
         if self.kind == "hadamard":
             missing = [s for s in sizes if not has_random_hadamard(s)]
             if missing:
@@ -62,12 +70,12 @@ class RandomRotationModifier(FusedRotationModifier):
                     "another block_size"
                 )
 
-    def _scheme(self, block: int, apply: list[TransformArgs]) -> TransformScheme:
+    def _scheme(self, block: int, apply: list[TransformArgs], online: bool = False) -> TransformScheme:
         return TransformScheme(
             type=RANDOM_ORTHOGONAL if self.kind == "orthogonal" else "random-hadamard",
             apply=apply,
             head_dim=block,
-            precision=torch.float64,
+            precision=ONLINE_PRECISION if online else torch.float64,
         )
 
     def describe(self) -> str:

@@ -149,6 +149,9 @@ def run_settings(
                 "symmetric": setting.symmetric,
                 "activation_bits": setting.activation_bits,
                 "block_size": setting.block_size,
+                "online_r4": setting.online_r4,
+                "r4_block_size": setting.r4_block_size,
+                "kv_bits": setting.kv_bits,
                 "ppl": result.ppl,
                 "windows": result.windows,
                 "quantize_seconds": round(seconds, 1),
@@ -162,7 +165,7 @@ def run_settings(
 
 
 def _block_suffix(setting: RecipeSetting) -> str:
-    return "" if setting.block_size is None else f"_b{setting.block_size}"
+    return "" if setting.block_size is None else f"_b{setting.block_size}"  # R1 block, when not the default
 
 
 def _fmt(ppl: float) -> str:

@@ -22,12 +22,15 @@ TASKS = {"piqa": "piqa_local"}
 
 def load_model(model_or_dir: str, dtype: str | torch.dtype = "auto"):
     """(model, tokenizer, resolved path); compressed-tensors checkpoints are
-    decompressed by transformers on load."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    decompressed by transformers on load, and their online transforms (R3, R4), which
+    transformers drops, are put back by ``gsr_plugin.loading``."""
+    from transformers import AutoTokenizer
+
+    from gsr_plugin.loading import load_with_online_transforms
 
     path = resolve_model(model_or_dir)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    model = load_with_online_transforms(path, dtype=dtype)
     model.eval()
     return model, tokenizer, path
 

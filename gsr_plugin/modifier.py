@@ -16,10 +16,11 @@ from typing import Literal
 
 import torch
 from compressed_tensors.transform import TransformArgs, TransformScheme
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
-from gsr_plugin.rotation import FusedRotationModifier, Rotation, head_dim_of
-from gsr_plugin.transform import NATURAL_WALSH, SEQUENCY_WALSH
+from gsr_plugin.mappings import SpinQuantMapping
+from gsr_plugin.rotation import ONLINE_PRECISION, FusedRotationModifier, Rotation, check_paired, head_dim_of
+from gsr_plugin.transform import NATURAL_WALSH, SEQUENCY_PERMUTATION, SEQUENCY_WALSH
 from gsr_plugin.walsh import check_block_size, is_power_of_two
 
 __all__ = ["GSRModifier", "GSRRotation"]
@@ -50,10 +51,19 @@ class GSRModifier(FusedRotationModifier):
     Lifecycle: see ``gsr_plugin.rotation.FusedRotationModifier`` (on_initialize
     plans and refuses, on_calibration_start untie / fuse norms / fuse rotations).
 
-    :param rotations: which rotations to apply, of ``R1`` (residual stream) and
-        ``R2`` (per head, v_proj -> o_proj)
+    :param rotations: which rotations to apply: ``R1`` (residual stream) and ``R2``
+        (per head, v_proj -> o_proj) are fused offline; ``R3`` (queries and keys after
+        RoPE, per head) and ``R4`` (down_proj input) run online, for activation and
+        KV-cache quantization
     :param block_size: R1 block size, a power of two dividing hidden_size; defaults
-        to the model's head_dim, as in the paper. R2 always uses head_dim
+        to the model's head_dim, as in the paper. R2 and R3 always use head_dim
+    :param r4_block_size: R4 block, a power of two dividing intermediate_size;
+        defaults to the largest such (512 for SmolLM2's 1536)
+    :param fold_r4_permutation: fold the sequency order of R4 into gate_proj and
+        up_proj (their output rows are permuted blockwise), so that R4's online part
+        is a natural ``hadamard`` transform, which vLLM runs with its fast kernel on
+        GPU; exact, and down_proj's weight is still grouped in sequency order. Needs
+        ``randomize=False``
     :param ordering: ``sequency`` (GSR) or ``natural`` (Sylvester order: the
         block-Hadamard ablation)
     :param randomize: multiply each block's rows by seeded random signs
@@ -67,8 +77,23 @@ class GSRModifier(FusedRotationModifier):
 
     ordering: Literal["sequency", "natural"] = Field(default="sequency")
     randomize: bool = Field(default=False)
+    fold_r4_permutation: bool = Field(default=False)
 
-    @field_validator("block_size")
+    @model_validator(mode="after")
+    def _fold_needs_plain_sequency_r4(self):
+        if self.fold_r4_permutation:
+            problems = []
+            if "R4" not in self.rotations:
+                problems.append("R4 in rotations")
+            if self.randomize:
+                problems.append("randomize=False (vLLM's hadamard kernel applies no signs)")
+            if self.ordering != "sequency":
+                problems.append("ordering='sequency' (natural order has no permutation to fold)")
+            if problems:
+                raise ValueError("fold_r4_permutation needs " + " and ".join(problems))
+        return self
+
+    @field_validator("block_size", "r4_block_size")
     @classmethod
     def _block_size_power_of_two(cls, value):
         if value is not None and not is_power_of_two(value):
@@ -93,24 +118,67 @@ class GSRModifier(FusedRotationModifier):
             )
         return head_dim
 
-    def _check_block_size(self, hidden_size: int, head_dim: int) -> None:
-        if Rotation.R1 in self.rotations:
-            check_block_size(hidden_size, self.block_size, "hidden_size")
-        if Rotation.R2 in self.rotations and not is_power_of_two(head_dim):
-            raise ValueError(
-                f"R2 rotates each head with a head_dim x head_dim Walsh block, and "
-                f"head_dim {head_dim} is not a power of two; use rotations=['R1']"
-            )
+    def _default_r4_block_size(self, config) -> int:
+        return config.intermediate_size & -config.intermediate_size  # largest power of two divisor
 
-    def _scheme(self, block: int, apply: list[TransformArgs]) -> TransformScheme:
+    def _check_block_size(self, config) -> None:
+        if Rotation.R1 in self.rotations:
+            check_block_size(config.hidden_size, self.block_size, "hidden_size")
+        head_dim = head_dim_of(config)
+        per_head = [r for r in (Rotation.R2, Rotation.R3) if r in self.rotations]
+        if per_head and not is_power_of_two(head_dim):
+            raise ValueError(
+                f"{'/'.join(per_head)} rotate each head with a head_dim x head_dim Walsh block, "
+                f"and head_dim {head_dim} is not a power of two; use rotations without them"
+            )
+        if Rotation.R4 in self.rotations:
+            check_block_size(config.intermediate_size, self.r4_block_size, "intermediate_size")
+
+    def _scheme(self, block: int, apply: list[TransformArgs], online: bool = False, type_: str | None = None) -> TransformScheme:
         return TransformScheme(
-            type=_TYPE_OF_ORDERING[self.ordering],
+            type=type_ or _TYPE_OF_ORDERING[self.ordering],
             apply=apply,
             randomize=self.randomize,
             head_dim=block,
-            precision=torch.float64,
+            precision=ONLINE_PRECISION if online else torch.float64,
         )
+
+    def _r4_schemes(self, m: SpinQuantMapping) -> dict:
+        """With ``fold_r4_permutation``: ``x B_seq = x[pi^-1] H / sqrt(k)`` blockwise, so
+        gate/up rows are reordered by ``pi^-1`` (``R4_fold``; the elementwise SiLU-gate
+        commutes with it), the online part is the natural ``hadamard`` (``R4``), and
+        down_proj's weight still gets ``W B_seq`` (``R4_fused``)."""
+        if not self.fold_r4_permutation:
+            return super()._r4_schemes(m)
+        block, ignore = self.r4_block_size, self.ignore
+        return {
+            "R4": self._scheme(
+                block, [TransformArgs(targets=[*m.mlp_out], location="input", ignore=ignore)], online=True, type_="hadamard"
+            ),
+            "R4_fused": self._scheme(
+                block,
+                [TransformArgs(targets=[*m.mlp_out], location="weight_input", inverse=True, ignore=ignore)],
+            ),
+            "R4_fold": self._scheme(
+                block,
+                [TransformArgs(targets=[*m.mlp_in], location="weight_output", ignore=ignore)],
+                type_=SEQUENCY_PERMUTATION,
+            ),
+        }
+
+    def on_initialize(self, state, **kwargs) -> bool:
+        initialized = super().on_initialize(state, **kwargs)
+        groups = self._transform_config.config_groups
+        if "R4_fold" in groups:
+            check_paired(
+                state.model,
+                groups["R4_fold"].apply[0],
+                groups["R4"].apply[0],
+                "fold_r4_permutation needs a layer's gate_proj, up_proj and down_proj all rotated or all ignored",
+            )
+        return initialized
 
     def describe(self) -> str:
         signs = ", random signs" if self.randomize else ""
-        return f"GSR {'+'.join(self.rotations)} ({self.ordering}{signs}, block {self.block_size})"
+        r4 = f", R4 block {self.r4_block_size}{' folded' if self.fold_r4_permutation else ''}" if self.r4_block_size else ""
+        return f"GSR {'+'.join(self.rotations)} ({self.ordering}{signs}, block {self.block_size}{r4})"

@@ -22,6 +22,7 @@ __all__ = [
     "recipe_yaml",
     "recipes_dir",
     "resolve_recipe",
+    "setting_from_name",
     "shipped_settings",
     "write_recipes",
 ]
@@ -50,6 +51,10 @@ class RecipeSetting:
     :param symmetric: no zero point (False: asymmetric, as the GSR paper's GPTQ runs)
     :param activation_bits: 16 (weight-only), or 8 / 4 (int dynamic per-token activations)
     :param block_size: rotation block; None = the model's head_dim
+    :param online_r4: add the online R4 rotation (down_proj input) to the rotation
+    :param r4_block_size: R4 block (GSRModifier; None = its default)
+    :param kv_bits: quantize the KV cache to this many bits (int, per attention head,
+        static scales from calibration); None = 16-bit cache
     """
 
     method: str = "gsr"
@@ -58,6 +63,9 @@ class RecipeSetting:
     symmetric: bool = True
     activation_bits: int = 16
     block_size: int | None = None
+    online_r4: bool = False
+    r4_block_size: int | None = None
+    kv_bits: int | None = None
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -71,7 +79,9 @@ class RecipeSetting:
             f"_g{self.group_size}" if self.group_size else "_ch"
         )
         asym = "" if self.symmetric else "_asym"
-        return f"{self.method}_w{self.weight_bits}a{self.activation_bits}{group}{asym}_gptq"
+        kv = f"kv{self.kv_bits}" if self.kv_bits else ""
+        r4 = ("_r4" + (f"b{self.r4_block_size}" if self.r4_block_size else "")) if self.online_r4 else ""
+        return f"{self.method}_w{self.weight_bits}a{self.activation_bits}{kv}{group}{asym}{r4}_gptq"
 
     @property
     def description(self) -> str:
@@ -82,28 +92,31 @@ class RecipeSetting:
             if self.activation_bits == 16
             else f"int{self.activation_bits} dynamic per-token activations"
         )
-        return f"{METHODS[self.method]}; then GPTQ int{self.weight_bits} {kind} weights in {group}, {acts}"
+        kv = f", int{self.kv_bits} KV cache" if self.kv_bits else ""
+        r4 = " (with the online R4 rotation at down_proj's input)" if self.online_r4 else ""
+        return f"{METHODS[self.method]}{r4}; then GPTQ int{self.weight_bits} {kind} weights in {group}, {acts}{kv}"
 
 
 def _rotation_modifiers(setting: RecipeSetting) -> dict:
+    rotations = ["R1", "R2", "R4"] if setting.online_r4 else ["R1", "R2"]
     block = {} if setting.block_size is None else {"block_size": setting.block_size}
+    r4 = {"r4_block_size": setting.r4_block_size} if setting.online_r4 and setting.r4_block_size else {}
+    ours = {"rotations": rotations, **block, **r4}
     spin_block = {"transform_block_size": setting.block_size or "head_dim"}
-    spin = lambda kind: {"rotations": ["R1", "R2"], "transform_type": kind, **spin_block}  # noqa: E731
+    spin = lambda kind: {"rotations": rotations, "transform_type": kind, **spin_block}  # noqa: E731
     return {
         "none": {},
         "hadamard": {"SpinQuantModifier": spin("hadamard")},
         "random_hadamard": {"SpinQuantModifier": spin("random-hadamard")},
-        "random_orthogonal": {"RandomRotationModifier": {"rotations": ["R1", "R2"], "kind": "orthogonal", **block}},
-        "random_hadamard_exact": {"RandomRotationModifier": {"rotations": ["R1", "R2"], "kind": "hadamard", **block}},
-        "natural": {"GSRModifier": {"rotations": ["R1", "R2"], "ordering": "natural", **block}},
-        "natural_random": {
-            "GSRModifier": {"rotations": ["R1", "R2"], "ordering": "natural", "randomize": True, "seed": 0, **block}
-        },
-        "gsr": {"GSRModifier": {"rotations": ["R1", "R2"], **block}},
-        "gsr_random": {"GSRModifier": {"rotations": ["R1", "R2"], "randomize": True, "seed": 0, **block}},
+        "random_orthogonal": {"RandomRotationModifier": {**ours, "kind": "orthogonal"}},
+        "random_hadamard_exact": {"RandomRotationModifier": {**ours, "kind": "hadamard"}},
+        "natural": {"GSRModifier": {**ours, "ordering": "natural"}},
+        "natural_random": {"GSRModifier": {**ours, "ordering": "natural", "randomize": True, "seed": 0}},
+        "gsr": {"GSRModifier": ours},
+        "gsr_random": {"GSRModifier": {**ours, "randomize": True, "seed": 0}},
         "spinquant_gsr": {
             "SpinQuantModifier": spin("hadamard"),
-            "GSRModifier": {"rotations": ["R1", "R2"], **block},
+            "GSRModifier": {**ours, "rotations": ["R1", "R2"]},
         },
     }[setting.method]
 
@@ -132,6 +145,10 @@ def build_recipe(setting: RecipeSetting, head_dim: int | None = None) -> dict:
                 raise ValueError("SpinQuant needs an explicit block: pass head_dim or set block_size")
             fields["transform_block_size"] = head_dim
     modifiers["GPTQModifier"] = {"ignore": ["lm_head"], "config_groups": {"group_0": scheme}}
+    if setting.kv_bits:
+        modifiers["GPTQModifier"]["kv_cache_scheme"] = {
+            "num_bits": setting.kv_bits, "type": "int", "symmetric": True, "strategy": "attn_head", "dynamic": False,
+        }
     return {"quant_stage": {"quant_modifiers": modifiers}}
 
 
@@ -156,6 +173,9 @@ def shipped_settings() -> list[RecipeSetting]:
         RecipeSetting("gsr", 2, 64, symmetric=False),
         RecipeSetting("gsr", 8, None, activation_bits=8),  # W8A8 int8, dynamic per token
         RecipeSetting("spinquant_gsr", 4, 64),
+        # weights and activations: int4 dynamic per-token activations, 4-bit KV cache,
+        # online R4 (fake-quantized evaluation; vLLM runs online transforms on GPU only)
+        RecipeSetting("gsr", 4, 64, symmetric=False, activation_bits=4, online_r4=True, kv_bits=4),
     ]
     for method in ("none", "hadamard", "random_hadamard", "gsr", "gsr_random"):
         for bits in (2, 3, 4):
@@ -198,7 +218,10 @@ def write_recipes(directory: Path) -> list[Path]:
 
 def setting_from_name(name: str) -> RecipeSetting:
     """Inverse of ``RecipeSetting.name`` (for tests and tables)."""
-    pattern = r"(?P<m>[a-z_]+?)_w(?P<w>\d+)a(?P<a>\d+)(?:_g(?P<g>\d+)|(?P<ch>_ch))?(?P<asym>_asym)?_gptq$"
+    pattern = (
+        r"(?P<m>[a-z_]+?)_w(?P<w>\d+)a(?P<a>\d+)(?:kv(?P<kv>\d+))?(?:_g(?P<g>\d+)|(?P<ch>_ch))?"
+        r"(?P<asym>_asym)?(?P<r4>_r4(?:b(?P<r4b>\d+))?)?_gptq$"
+    )
     match = re.fullmatch(pattern, name)
     if not match:
         raise ValueError(f"{name!r} does not spell a recipe setting")
@@ -208,6 +231,9 @@ def setting_from_name(name: str) -> RecipeSetting:
         group_size=int(match["g"]) if match["g"] else None,
         symmetric=match["asym"] is None,
         activation_bits=int(match["a"]),
+        online_r4=match["r4"] is not None,
+        r4_block_size=int(match["r4b"]) if match["r4b"] else None,
+        kv_bits=int(match["kv"]) if match["kv"] else None,
     )
 
 

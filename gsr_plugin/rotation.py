@@ -1,8 +1,9 @@
-"""The lifecycle every exact, offline residual-stream rotation shares: resolve where
-the rotations go, refuse what would not be exact, untie embeddings, fuse the RMSNorm
-scales into the linears they feed, fuse R1 (residual stream) and R2 (per attention
-head) into the weights through compressed-tensors transform factories, and record the
-transforms for serialization.
+"""The lifecycle every exact rotation modifier shares: resolve where the rotations go,
+refuse what would not be exact, untie embeddings, fuse the RMSNorm scales into the
+linears they feed, fuse R1 (residual stream) and R2 (per attention head) into the
+weights and attach the online R3 (queries/keys after RoPE) and R4 (down_proj input)
+through compressed-tensors transform factories, and record the transforms for
+serialization.
 
 Subclasses choose the matrix: ``GSRModifier`` (gsr_plugin.modifier) grouped Walsh
 blocks in sequency or natural order, ``RandomRotationModifier`` (gsr_plugin.baselines)
@@ -23,6 +24,7 @@ from compressed_tensors.transform import (
     TransformFactory,
     TransformScheme,
 )
+from compressed_tensors.transform.apply import _register_tied_transform_weights
 from loguru import logger
 from pydantic import Field, PrivateAttr, field_validator
 from torch.utils._pytree import tree_leaves
@@ -40,20 +42,22 @@ from gsr_plugin.mappings import (
     resolve_mappings,
 )
 
-__all__ = ["Rotation", "FusedRotationModifier", "head_dim_of"]
+__all__ = ["Rotation", "FusedRotationModifier", "head_dim_of", "check_paired", "ONLINE_PRECISION"]
 
 
 class Rotation(str, Enum):
-    R1 = "R1"  # residual stream, blocks of `block_size`
-    R2 = "R2"  # per attention head, between v_proj and o_proj
+    R1 = "R1"  # residual stream, blocks of `block_size` (offline)
+    R2 = "R2"  # per attention head, between v_proj and o_proj (offline)
+    R3 = "R3"  # queries and keys after RoPE, per head (online)
+    R4 = "R4"  # down_proj input, blocks of `r4_block_size` (online; inverse fused)
 
 
-_ONLINE_ROTATIONS = ("R3", "R4")
+ONLINE_PRECISION = torch.float32  # online transforms run in float32 or the input's dtype if wider
 
 
 class FusedRotationModifier(Modifier, use_enum_values=True):
     """
-    Base of the rotation modifiers: R1 and R2 fused offline, exactly.
+    Base of the rotation modifiers: R1 and R2 fused offline, R3 and R4 online, exactly.
 
     Lifecycle:
 
@@ -64,12 +68,18 @@ class FusedRotationModifier(Modifier, use_enum_values=True):
     - on_calibration_start
         - untie word embeddings (the final norm is fused into lm_head only)
         - fuse RMSNorm scales into the following linears (skipped where already ones)
-        - fuse the transforms into the weights in float64, record them in
-          ``model.transform_config`` (merged with any earlier one)
+        - fuse the offline transforms into the weights in float64, attach the
+          online ones as hooks (float32, or the input's dtype if wider), record them
+          in ``model.transform_config`` (merged with any earlier one)
 
-    :param rotations: which rotations to apply, of ``R1`` (residual stream) and
-        ``R2`` (per head, v_proj -> o_proj)
+    :param rotations: which rotations to apply: ``R1`` (residual stream) and ``R2``
+        (per head, v_proj -> o_proj), fused offline; ``R3`` (queries and keys after
+        RoPE, per head) and ``R4`` (down_proj input), applied online at run time (R4's
+        inverse is fused into down_proj). R3/R4 serve activation and KV-cache
+        quantization; they cost a transform per forward
     :param block_size: R1 block size (subclasses give the default and the rule)
+    :param r4_block_size: R4 block size, dividing intermediate_size (subclasses give
+        the default)
     :param seed: seed of any randomness (R1 uses ``seed``, R2 ``seed + 1``)
     :param ignore: modules not to rotate. A rotation has to cover every module on
         its path to stay exact, so an ignore that would split R1, or separate a
@@ -81,6 +91,7 @@ class FusedRotationModifier(Modifier, use_enum_values=True):
 
     rotations: list[Rotation] = Field(default_factory=lambda: ["R1", "R2"])
     block_size: int | None = Field(default=None)
+    r4_block_size: int | None = Field(default=None)
     seed: int = Field(default=0)
     ignore: list[str] = Field(default_factory=list)
     mappings: SpinQuantMapping | None = Field(default=None)
@@ -97,15 +108,10 @@ class FusedRotationModifier(Modifier, use_enum_values=True):
         names = []
         for item in value:
             name = str(getattr(item, "value", item)).upper()
-            if name in _ONLINE_ROTATIONS:
-                raise ValueError(
-                    f"rotation {name} is an online rotation, which {cls.__name__} does not "
-                    "apply yet; use rotations=['R1', 'R2']"
-                )
             if name not in names:
                 names.append(name)
         if not names:
-            raise ValueError("rotations is empty; use ['R1'], ['R2'] or ['R1', 'R2']")
+            raise ValueError("rotations is empty; use some of ['R1', 'R2', 'R3', 'R4']")
         return names
 
     @field_validator("ignore", mode="before")
@@ -118,11 +124,14 @@ class FusedRotationModifier(Modifier, use_enum_values=True):
     def _default_block_size(self, config) -> int:
         raise NotImplementedError
 
-    def _check_block_size(self, hidden_size: int, head_dim: int) -> None:
+    def _default_r4_block_size(self, config) -> int:
+        raise NotImplementedError
+
+    def _check_block_size(self, config) -> None:
         """Raise ``ValueError`` naming the fix when the blocks cannot be built."""
         raise NotImplementedError
 
-    def _scheme(self, block: int, apply: list[TransformArgs]) -> TransformScheme:
+    def _scheme(self, block: int, apply: list[TransformArgs], online: bool = False) -> TransformScheme:
         raise NotImplementedError
 
     def describe(self) -> str:
@@ -138,7 +147,9 @@ class FusedRotationModifier(Modifier, use_enum_values=True):
         head_dim = head_dim_of(model.config)
         if self.block_size is None:
             self.block_size = self._default_block_size(model.config)
-        self._check_block_size(model.config.hidden_size, head_dim)
+        if Rotation.R4 in self.rotations and self.r4_block_size is None:
+            self.r4_block_size = self._default_r4_block_size(model.config)
+        self._check_block_size(model.config)
         if Rotation.R1 in self.rotations:
             check_rms_norms(model, self._norms)
         groups = {}
@@ -146,6 +157,10 @@ class FusedRotationModifier(Modifier, use_enum_values=True):
             groups["R1"] = self._r1_scheme(mapping)
         if Rotation.R2 in self.rotations:
             groups["R2"] = self._r2_scheme(mapping, head_dim)
+        if Rotation.R3 in self.rotations:
+            groups["R3"] = self._r3_scheme(mapping, head_dim)
+        if Rotation.R4 in self.rotations:
+            groups.update(self._r4_schemes(mapping))
         config = TransformConfig(config_groups=groups)
         _check_targets(model, config, type(self).__name__)
         self._transform_config = config
@@ -162,6 +177,8 @@ class FusedRotationModifier(Modifier, use_enum_values=True):
         for index, (name, scheme) in enumerate(self._transform_config.config_groups.items()):
             factory = TransformFactory.from_scheme(scheme, name=name, seed=self.seed + index)
             factory.apply_to_model(model)
+        # online transforms share one weight per size: declare the ties for save_pretrained
+        _register_tied_transform_weights(model)
         _record_transform_config(model, self._transform_config)
         logger.info(f"{self.describe()} fused in {time.perf_counter() - start:.1f}s")
 
@@ -185,6 +202,30 @@ class FusedRotationModifier(Modifier, use_enum_values=True):
                 ),
             ],
         )
+
+    def _r3_scheme(self, m: SpinQuantMapping, head_dim: int) -> TransformScheme:
+        """The same rotation on queries and keys after RoPE: ``(q R)(k R)^T = q k^T``."""
+        return self._scheme(
+            head_dim,
+            [
+                TransformArgs(targets=[m.attn], location="q_attn", ignore=self.ignore),
+                TransformArgs(targets=[m.attn], location="k_cache", ignore=self.ignore),
+            ],
+            online=True,
+        )
+
+    def _r4_schemes(self, m: SpinQuantMapping) -> dict[str, TransformScheme]:
+        """``x -> x R`` at down_proj's input (online), ``W -> W R`` fused."""
+        return {
+            "R4": self._scheme(
+                self.r4_block_size,
+                [
+                    TransformArgs(targets=[*m.mlp_out], location="input", ignore=self.ignore),
+                    TransformArgs(targets=[*m.mlp_out], location="weight_input", inverse=True, ignore=self.ignore),
+                ],
+                online=True,
+            )
+        }
 
     def _r2_scheme(self, m: SpinQuantMapping, head_dim: int) -> TransformScheme:
         return self._scheme(
@@ -294,23 +335,27 @@ def _check_targets(model: torch.nn.Module, config: TransformConfig, name: str) -
                     "(to keep a layer unquantized, ignore it in the quantization modifier), "
                     "or drop R1 from rotations."
                 )
+            if args.location in ("q_attn", "k_cache"):
+                continue  # per head: head_dim was checked with the block sizes
             for module_name, module in kept.items():
                 size = _transformed_size(module, args.location)
                 if size % scheme.head_dim:
                     raise ValueError(
                         f"{group} block {scheme.head_dim} does not divide {module_name}'s "
-                        f"{args.location} size {size}; choose a block_size that divides it"
+                        f"{args.location} size {size}; choose a block size that divides it"
                     )
     if "R2" in config.config_groups:
         v_args, o_args = config.config_groups["R2"].apply
-        v_parents = {n.rsplit(".", 1)[0] for n, _ in match_named_modules(model, v_args.targets, v_args.ignore)}
-        o_parents = {n.rsplit(".", 1)[0] for n, _ in match_named_modules(model, o_args.targets, o_args.ignore)}
-        if v_parents != o_parents:
-            odd = sorted(v_parents ^ o_parents)
-            raise ValueError(
-                f"ignore rotates v_proj and o_proj of {odd[:3]} differently; R2 needs both "
-                f"or neither of a layer's v_proj and o_proj in {name}.ignore"
-            )
+        check_paired(model, v_args, o_args, f"R2 needs both or neither of a layer's v_proj and o_proj in {name}.ignore")
+
+
+def check_paired(model: torch.nn.Module, a: TransformArgs, b: TransformArgs, fix: str) -> None:
+    """Two halves of one rotation must reach the same parent modules (layers)."""
+    parents_a = {n.rsplit(".", 1)[0] for n, _ in match_named_modules(model, a.targets, a.ignore)}
+    parents_b = {n.rsplit(".", 1)[0] for n, _ in match_named_modules(model, b.targets, b.ignore)}
+    if parents_a != parents_b:
+        odd = sorted(parents_a ^ parents_b)
+        raise ValueError(f"ignore rotates the two sides of {odd[:3]} differently; {fix}")
 
 
 def _transformed_size(module: torch.nn.Module, location: str) -> int:

@@ -276,12 +276,13 @@ def run_transformers(checkpoint: str, dtype: str, vllm_result: dict, max_tokens:
     """Greedy continuations of vLLM's prompt ids with per-step log-probs, and the
     reference texts' token log-probs in ``dtype`` and in ``noise_dtype``."""
     import torch
-    from transformers import AutoModelForCausalLM
 
-    noisy = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=getattr(torch, noise_dtype))
+    from gsr_plugin.loading import load_with_online_transforms
+
+    noisy = load_with_online_transforms(checkpoint, dtype=getattr(torch, noise_dtype))
     noise = _reference_logprobs(noisy.eval(), vllm_result)
     del noisy
-    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=getattr(torch, dtype))
+    model = load_with_online_transforms(checkpoint, dtype=getattr(torch, dtype))
     model.eval()
     eos = model.generation_config.eos_token_id
     eos = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])

@@ -37,6 +37,8 @@ __all__ = [
     "SEQUENCY_WALSH",
     "NATURAL_WALSH",
     "RANDOM_ORTHOGONAL",
+    "SEQUENCY_PERMUTATION",
+    "SequencyPermutationFactory",
     "RandomOrthogonalFactory",
     "TRANSFORM_TYPES",
     "WalshFactory",
@@ -49,6 +51,7 @@ __all__ = [
 SEQUENCY_WALSH = "sequency-walsh"
 NATURAL_WALSH = "natural-walsh"
 RANDOM_ORTHOGONAL = "random-orthogonal"
+SEQUENCY_PERMUTATION = "sequency-permutation"
 TRANSFORM_TYPES: dict[str, Ordering] = {SEQUENCY_WALSH: "sequency", NATURAL_WALSH: "natural"}
 
 
@@ -157,7 +160,9 @@ class GroupedWalshTransform(TransformBase):
     def forward(self, value: Tensor) -> Tensor:
         location = TransformLocation(self.args.location)
         inverse = bool(self.args.inverse)
-        dtype = self.scheme.precision if location.is_online() else torch.float64
+        # online: the scheme's precision, or the input's if that is wider (a float64
+        # model stays float64); fused into weights: always float64
+        dtype = torch.promote_types(self.scheme.precision, value.dtype) if location.is_online() else torch.float64
         x = value.to(dtype)
         if location.is_online():
             out = self._right_multiply(x, transpose=inverse)
@@ -200,6 +205,45 @@ class RandomOrthogonalFactory(RandomMatrixFactory):
         return Parameter(q.to(precision).to(device), requires_grad=self.scheme.requires_grad)
 
 
+class SequencyPermutationFactory(TransformFactory):
+    """The row map of the sequency order as a transform, for folding it into weights.
+
+    A sequency block is a permuted natural one: ``B_seq = H[pi, :] / sqrt(k)`` with
+    ``pi(s) = bitrev(gray(s))``, so ``x @ B_seq = x[..., pi^-1] @ H / sqrt(k)`` (blockwise).
+    At ``weight_output`` this transform reorders a linear's output rows within each block
+    of ``head_dim`` (``W -> W[pi^-1]``), so that its output is already in the order the
+    natural ``hadamard`` transform then needs; ``inverse`` undoes it. It is a permutation,
+    hence exact in any precision.
+    """
+
+    def create_transform(self, module: Module, args: TransformArgs) -> "SequencyPermutationTransform":
+        if not isinstance(module, torch.nn.Linear) or args.is_online():
+            raise NotImplementedError(
+                f"{SEQUENCY_PERMUTATION} is fused into Linear weights only (weight_output or "
+                f"weight_input), not {type(module).__name__} at {args.location}"
+            )
+        return SequencyPermutationTransform(self.scheme.head_dim, args)
+
+
+class SequencyPermutationTransform(TransformBase):
+    def __init__(self, block: int, args: TransformArgs):
+        super().__init__()
+        self.block = block
+        self.args = args
+        from gsr_plugin.walsh import sequency_permutation
+
+        perm = sequency_permutation(block)
+        self.register_buffer("order", torch.argsort(perm) if not args.inverse else perm, persistent=False)
+
+    def forward(self, value: Tensor) -> Tensor:
+        """Rows (weight_output) or columns (weight_input) gathered blockwise."""
+        along_rows = TransformLocation(self.args.location) == TransformLocation.WEIGHT_OUTPUT
+        x = value.T if along_rows else value
+        blocks = x.reshape(*x.shape[:-1], x.shape[-1] // self.block, self.block)
+        out = blocks[..., self.order.to(value.device)].reshape(x.shape)
+        return (out.T if along_rows else out).contiguous()
+
+
 def register_transform_types() -> None:
     """Register the Walsh types in compressed-tensors' ``TransformFactory`` registry.
 
@@ -229,4 +273,5 @@ _FACTORIES: dict[str, type[TransformFactory]] = {
     SEQUENCY_WALSH: SequencyWalshFactory,
     NATURAL_WALSH: NaturalWalshFactory,
     RANDOM_ORTHOGONAL: RandomOrthogonalFactory,
+    SEQUENCY_PERMUTATION: SequencyPermutationFactory,
 }

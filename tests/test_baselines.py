@@ -49,7 +49,7 @@ def test_hadamard_sizes_that_exist_and_one_that_does_not(load_tiny):
     modifier = RandomRotationModifier(kind="hadamard", block_size=128)
     modifier.block_size = 6
     with pytest.raises(ValueError, match="no Hadamard matrix of size 6"):
-        modifier._check_block_size(hidden_size=12, head_dim=32)
+        modifier._check_block_size(type("Config", (), {"hidden_size": 12, "head_dim": 32, "num_attention_heads": 1})())
 
 
 def test_block_that_does_not_divide_is_refused(load_tiny):

@@ -69,3 +69,17 @@ def test_gsr_is_exact_on_the_default_model(default_model_dir):
     assert err < 1e-3, f"GSR moved SmolLM2's logits by {err:.1e} of their scale"
     assert not torch.allclose(model.model.layers[0].self_attn.q_proj.weight, q_before, atol=1e-3)
     assert model.transform_config.config_groups["R1"].head_dim == 64
+
+
+def test_online_rotations_are_exact_on_the_default_model(default_model_dir):
+    """R1-R4 (R4 blocks of 512 = the largest power of two dividing 1536), float32."""
+    model = AutoModelForCausalLM.from_pretrained(default_model_dir, dtype=torch.float32)
+    tokens = AutoTokenizer.from_pretrained(default_model_dir)("The tower is 324 metres tall", return_tensors="pt").input_ids
+    with torch.no_grad():
+        before = model(tokens).logits
+    modifier = GSRModifier(rotations=["R1", "R2", "R3", "R4"])
+    oneshot(model=model, recipe=[modifier])
+    with torch.no_grad():
+        err = relative_error(model(tokens).logits, before)
+    assert modifier.r4_block_size == 512
+    assert err < 1e-3, f"R1-R4 moved SmolLM2's logits by {err:.1e}"

@@ -260,7 +260,9 @@ quant_stage:
     [
         ({"block_size": 48}, "not a power of two"),
         ({"rotations": ["R5"]}, "R5"),
-        ({"rotations": ["R4"]}, "online rotation"),
+        ({"rotations": ["R1"], "fold_r4_permutation": True}, "needs R4 in rotations"),
+        ({"rotations": ["R4"], "fold_r4_permutation": True, "randomize": True}, "randomize=False"),
+        ({"r4_block_size": 96}, "not a power of two"),
         ({"rotations": []}, "rotations is empty"),
         ({"ordering": "hilbert"}, "sequency"),
         ({"blocksize": 64}, "Extra inputs are not permitted"),
@@ -364,3 +366,90 @@ def test_r2_alone_needs_no_norm_fusion(load_tiny, tokens):
     assert torch.equal(model.model.layers[0].input_layernorm.weight, norm)
     assert relative_error(logits(model, tokens), before) < FLOAT64_MODEL_FLOOR
 
+
+
+# ------------------------------------------------------------ online R3 / R4
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"rotations": ["R1", "R2", "R3", "R4"]},
+        {"rotations": ["R1", "R2", "R3", "R4"], "fold_r4_permutation": True},
+        {"rotations": ["R3", "R4"], "r4_block_size": 32, "randomize": True},
+        {"rotations": ["R4"], "ordering": "natural", "r4_block_size": 256},
+    ],
+    ids=["all", "fold", "signs", "natural"],
+)
+def test_online_rotations_preserve_logits(load_tiny, tokens, arch, fields):
+    model = load_tiny(arch)
+    before = logits(model, tokens)
+    run_gsr(model, **fields)
+    err = relative_error(logits(model, tokens), before)
+    assert err < FLOAT64_MODEL_FLOOR, f"{arch} {fields}: logits moved by {err:.1e}"
+
+
+def captured_inputs(model, module, tokens, **kwargs):
+    seen = []
+    handle = module.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach().clone()))
+    with torch.no_grad():
+        out = model(tokens, **kwargs)
+    handle.remove()
+    return seen[0], out
+
+
+def test_r4_rotates_down_projs_input_by_the_reference_blocks(load_tiny, tokens):
+    plain, rotated = load_tiny("llama"), load_tiny("llama")
+    run_gsr(rotated, rotations=["R4"], r4_block_size=64)  # intermediate 256 = 4 blocks of 64
+    x, _ = captured_inputs(plain, plain.model.layers[1].mlp.down_proj, tokens)
+    x_rot, _ = captured_inputs(rotated, rotated.model.layers[1].mlp.down_proj, tokens)
+    r4 = torch.from_numpy(np.kron(np.eye(4), sequency_reference(64) / 8))
+    torch.testing.assert_close(x_rot, x @ r4, atol=1e-10, rtol=0)
+
+
+def test_r3_rotates_the_cached_keys_per_head(load_tiny, tokens):
+    plain, rotated = load_tiny("llama"), load_tiny("llama")
+    run_gsr(rotated, rotations=["R3"])
+    with torch.no_grad():
+        keys = plain(tokens, use_cache=True).past_key_values.layers[0].keys
+        keys_rot = rotated(tokens, use_cache=True).past_key_values.layers[0].keys
+    head = torch.from_numpy(sequency_reference(32) / np.sqrt(32))
+    torch.testing.assert_close(keys_rot, keys @ head, atol=1e-10, rtol=0)
+
+
+def test_folded_r4_runs_a_natural_hadamard_online(load_tiny, tokens):
+    from compressed_tensors.transform import HadamardTransform
+
+    model = load_tiny("qwen2")
+    before = logits(model, tokens)
+    run_gsr(model, rotations=["R1", "R2", "R4"], fold_r4_permutation=True, r4_block_size=128)
+    groups = model.transform_config.config_groups
+    assert (groups["R4"].type, groups["R4_fused"].type, groups["R4_fold"].type) == (
+        "hadamard", "sequency-walsh", "sequency-permutation"
+    )
+    assert [a.location for a in groups["R4"].apply] == ["input"]
+    online = model.model.layers[0].mlp.down_proj.R4_input
+    assert type(online) is HadamardTransform and online.perm is None
+    assert relative_error(logits(model, tokens), before) < FLOAT64_MODEL_FLOOR
+
+
+def test_fold_reorders_gate_and_up_rows_by_the_inverse_sequency_map(load_tiny):
+    from gsr_plugin.walsh import sequency_permutation
+
+    model = load_tiny("llama")
+    gate = model.model.layers[0].mlp.gate_proj.weight.detach().clone()
+    run_gsr(model, rotations=["R4"], fold_r4_permutation=True, r4_block_size=64)
+    inverse = torch.argsort(sequency_permutation(64))
+    order = torch.cat([block * 64 + inverse for block in range(4)])
+    assert torch.equal(model.model.layers[0].mlp.gate_proj.weight, gate[order])
+
+
+def test_fold_that_ignore_would_split_is_refused(load_tiny):
+    modifier = GSRModifier(rotations=["R4"], fold_r4_permutation=True, ignore=["model.layers.0.mlp.down_proj"])
+    assert_refused_unchanged(load_tiny("llama"), [modifier], "all rotated or all ignored")
+
+
+def test_r4_block_that_does_not_divide_intermediate_is_refused(load_tiny):
+    assert_refused_unchanged(load_tiny("llama"), [GSRModifier(rotations=["R4"], r4_block_size=512)],
+                             "does not divide intermediate_size 256")

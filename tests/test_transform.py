@@ -125,3 +125,35 @@ def test_unsupported_module_type_names_the_fix():
     )
     with pytest.raises(NotImplementedError, match="Linear or Embedding"):
         transform(torch.randn(4, 4))
+
+
+def test_sequency_permutation_folds_the_order_into_the_previous_weight():
+    """x @ B_seq == (x with gate/up rows reordered) @ H / sqrt(k), blockwise."""
+    from gsr_plugin.walsh import grouped_walsh_transform
+
+    weight = torch.randn(48, 8, dtype=torch.float64)  # a gate/up: 3 blocks of 16 outputs
+    factory = TransformFactory.from_scheme(TransformScheme(type="sequency-permutation", head_dim=16), name="P")
+    fold = factory.create_transform(torch.nn.Linear(8, 48), TransformArgs(targets=["m"], location="weight_output"))
+    x = torch.randn(5, 8, dtype=torch.float64)
+    sequency = grouped_walsh_transform(x @ weight.T, 16, "sequency", method="dense")
+    natural = grouped_walsh_transform(x @ fold(weight).T, 16, "natural", method="dense")
+    torch.testing.assert_close(natural, sequency, atol=1e-12, rtol=0)
+    unfold = factory.create_transform(
+        torch.nn.Linear(8, 48), TransformArgs(targets=["m"], location="weight_output", inverse=True)
+    )
+    assert torch.equal(unfold(fold(weight)), weight)
+
+
+@pytest.mark.parametrize("module,location", [(torch.nn.Linear(8, 16), "input"), (torch.nn.Embedding(16, 8), "weight_output")])
+def test_sequency_permutation_is_for_linear_weights_only(module, location):
+    factory = TransformFactory.from_scheme(TransformScheme(type="sequency-permutation", head_dim=8), name="P")
+    with pytest.raises(NotImplementedError, match="Linear weights only"):
+        factory.create_transform(module, TransformArgs(targets=["m"], location=location))
+
+
+def test_online_precision_follows_a_wider_input():
+    factory = make(SEQUENCY_WALSH, precision=torch.float32)
+    transform = factory.create_transform(torch.nn.Linear(64, 64), TransformArgs(targets=["m"], location="input"))
+    x = torch.randn(3, 64, dtype=torch.float64)
+    expected = x @ torch.block_diag(*[walsh_matrix(16)] * 4)
+    torch.testing.assert_close(transform(x), expected, atol=1e-13, rtol=0)  # float64 kept, not float32

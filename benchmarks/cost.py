@@ -1,0 +1,160 @@
+"""What GSR costs, as ratios measured side by side in one run (these machines are noisy).
+
+1. transform: the fast Walsh transform against the dense product with the same matrix
+   and against a memory copy (the floor), sizes 64..8192, a batch of rows;
+2. online R4: the transform at down_proj's input against down_proj's own matmul, on
+   the default model's shapes (2048 tokens x 1536 -> 576);
+3. GSR (R1+R2, data-free) against GPTQ W4A16 g64 on the default model;
+4. peak memory while applying GSR against the model's size.
+
+    python benchmarks/cost.py --out docs/results
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from gsr_plugin.walsh import DENSE_MAX_BLOCK, grouped_walsh_transform, walsh_matrix
+
+
+def best_of(fn, repeats: int = 5) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def transform_speed(rows: int = 4096) -> list[dict]:
+    out = []
+    for n in [64, 128, 256, 512, 1024, 2048, 4096, 8192]:
+        x = torch.randn(rows, n)
+        dense = walsh_matrix(n, "sequency", dtype=torch.float32)
+        t_copy = best_of(lambda: x.clone())
+        t_dense = best_of(lambda: x @ dense)
+        t_fast = best_of(lambda: grouped_walsh_transform(x, n, method="fast"))
+        out.append({
+            "size": n, "rows": rows, "copy_ms": t_copy * 1e3, "dense_ms": t_dense * 1e3, "fast_ms": t_fast * 1e3,
+            "fast_over_dense": t_fast / t_dense, "fast_over_copy": t_fast / t_copy,
+        })
+    return out
+
+
+def online_r4_overhead(tokens: int = 2048) -> list[dict]:
+    """down_proj of SmolLM2: (tokens x 1536) @ (1536 x 576)."""
+    x = torch.randn(tokens, 1536)
+    weight = torch.randn(576, 1536)
+    t_matmul = best_of(lambda: torch.nn.functional.linear(x, weight))
+    out = []
+    for block in (64, 512):
+        for method in ("dense", "fast"):
+            t = best_of(lambda: grouped_walsh_transform(x, block, method=method))
+            out.append({"r4_block": block, "method": method, "transform_ms": t * 1e3,
+                        "down_proj_ms": t_matmul * 1e3, "overhead": t / t_matmul,
+                        "auto_picks": "dense" if block <= DENSE_MAX_BLOCK else "fast"})
+    return out
+
+
+class PeakRSS:
+    """Samples the process's resident memory in a thread; ``peak`` above ``start``."""
+
+    def __init__(self, interval: float = 0.01):
+        import psutil
+
+        self.process, self.interval, self.peak = psutil.Process(), interval, 0
+        self._stop = threading.Event()
+
+    def __enter__(self):
+        self.start = self.process.memory_info().rss
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+        return self
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.process.memory_info().rss - self.start)
+            time.sleep(self.interval)
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self.thread.join()
+
+
+def gsr_vs_gptq(calib_samples: int, calib_len: int) -> dict:
+    from datasets import Dataset
+    from llmcompressor import oneshot
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from gsr_plugin import GSRModifier
+    from gsr_plugin.data import calibration_windows
+    from gsr_plugin.models import resolve_model
+    from gsr_plugin.recipes import RecipeSetting, recipe_yaml
+
+    path = resolve_model("default")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    windows = calibration_windows(tokenizer, calib_samples, calib_len)
+    data = Dataset.from_dict({"input_ids": windows.tolist(), "attention_mask": torch.ones_like(windows).tolist()})
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    with PeakRSS() as memory:
+        start = time.perf_counter()
+        oneshot(model=model, recipe=[GSRModifier()])
+        gsr_seconds = time.perf_counter() - start
+    recipe = recipe_yaml(RecipeSetting("none", 4, 64), 64)  # GPTQ alone, on the rotated model
+    start = time.perf_counter()
+    oneshot(model=model, processor=tokenizer, dataset=data, recipe=recipe,
+            num_calibration_samples=calib_samples, max_seq_length=calib_len)
+    gptq_seconds = time.perf_counter() - start
+    return {
+        "gsr_seconds": gsr_seconds, "gptq_seconds": gptq_seconds, "gsr_over_gptq": gsr_seconds / gptq_seconds,
+        "gptq": f"W4A16 g64, calibration {calib_samples} x {calib_len}",
+        "model_bytes": model_bytes, "gsr_peak_extra_bytes": memory.peak,
+        "gsr_peak_extra_over_model": memory.peak / model_bytes,
+    }
+
+
+def tables(report: dict) -> str:
+    lines = [f"Command: `{report['command']}` ({report['threads']} threads)", "",
+             "| size | rows | copy ms | dense ms | fast ms | fast / dense | fast / copy |", "|---|---|---|---|---|---|---|"]
+    for r in report["transform"]:
+        lines.append(f"| {r['size']} | {r['rows']} | {r['copy_ms']:.2f} | {r['dense_ms']:.2f} | {r['fast_ms']:.2f} | "
+                     f"{r['fast_over_dense']:.3f} | {r['fast_over_copy']:.1f} |")
+    lines += ["", "| R4 block | method | transform ms | down_proj matmul ms | overhead | `auto` uses |", "|---|---|---|---|---|---|"]
+    for r in report["online_r4"]:
+        lines.append(f"| {r['r4_block']} | {r['method']} | {r['transform_ms']:.2f} | {r['down_proj_ms']:.2f} | "
+                     f"{r['overhead']:.2f} | {r['auto_picks']} |")
+    g = report.get("gsr_vs_gptq")
+    if g:
+        lines += ["", f"GSR (R1+R2) {g['gsr_seconds']:.1f} s, GPTQ ({g['gptq']}) {g['gptq_seconds']:.1f} s: "
+                  f"GSR / GPTQ = {g['gsr_over_gptq']:.3f}. Peak extra memory while applying GSR "
+                  f"{g['gsr_peak_extra_bytes'] / 2**20:.0f} MiB = {g['gsr_peak_extra_over_model']:.2f} x the "
+                  f"model's {g['model_bytes'] / 2**20:.0f} MiB of float32 weights."]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="docs/results")
+    parser.add_argument("--calib-samples", type=int, default=128)
+    parser.add_argument("--calib-len", type=int, default=512)
+    parser.add_argument("--skip-model", action="store_true", help="only the transform timings")
+    args = parser.parse_args()
+    report = {"command": "python benchmarks/cost.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+              "threads": torch.get_num_threads(), "transform": transform_speed(), "online_r4": online_r4_overhead()}
+    if not args.skip_model:
+        report["gsr_vs_gptq"] = gsr_vs_gptq(args.calib_samples, args.calib_len)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "cost.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "cost.md").write_text(tables(report))
+    print(tables(report))
