@@ -147,11 +147,21 @@ def plot(report: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), dpi=110)
     width = 0.8 / len(names)
     for ax, (label, key) in zip(axes, panels):
+        lowest = 1.0
         for i, n in enumerate(names):
             data = report["rotations"][n][key]
-            values = [(data[label] if key == "weight_error" else data)[t] for t in LAYER_TYPES]
+            if key == "weight_error":  # relative to no rotation: differences are a few %
+                base = report["rotations"]["none"][key][label]
+                values = [data[label][t] / base[t] for t in LAYER_TYPES]
+                lowest = min(lowest, *values)
+            else:
+                values = [data[t] for t in LAYER_TYPES]
             ax.bar([j + i * width for j in range(len(LAYER_TYPES))], values, width, label=n)
-        ax.set_title(f"weight RTN error, {label}" if key == "weight_error" else label, fontsize=9)
+        if key == "weight_error":
+            ax.set_ylim(lowest - 0.01, 1.01)
+            ax.set_title(f"weight RTN error / no rotation, {label}", fontsize=9)
+        else:
+            ax.set_title(label, fontsize=9)
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(LAYER_TYPES))],
                       [t.replace("_proj", "") for t in LAYER_TYPES], fontsize=8)
     axes[0].legend(fontsize=7)

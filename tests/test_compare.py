@@ -55,3 +55,19 @@ def test_table_states_protocol_and_formats_extremes():
 def test_plot_skips_infinite_points(tmp_path):
     plot(fake_report(), tmp_path / "p.png")
     assert (tmp_path / "p.png").stat().st_size > 1000
+
+
+def test_resume_keeps_finished_runs_and_redoes_nothing(tiny_checkpoints, small_data, tmp_path, monkeypatch):
+    from gsr_plugin.compare import run_settings
+    from gsr_plugin.recipes import RecipeSetting
+
+    settings = [RecipeSetting("none", 4, 32, symmetric=False), RecipeSetting("gsr", 4, 32, symmetric=False, block_size=16)]
+    kwargs = dict(calib_samples=2, calib_len=16, ppl_windows=1, data_dir=str(small_data))
+    first = run_settings(str(tiny_checkpoints["llama"]), settings, tmp_path / "r.json", **kwargs)
+    assert [r["recipe"] for r in first["runs"]] == ["none_w4a16_g32_asym_gptq", "gsr_w4a16_g32_asym_gptq_b16"]
+
+    import llmcompressor
+
+    monkeypatch.setattr(llmcompressor, "oneshot", lambda *a, **k: pytest.fail("a finished run was repeated"))
+    again = run_settings(str(tiny_checkpoints["llama"]), settings, tmp_path / "r.json", resume=True, **kwargs)
+    assert again["runs"] == first["runs"]
