@@ -68,7 +68,7 @@ class GSRModifier(FusedRotationModifier):
         block-Hadamard ablation)
     :param randomize: multiply each block's rows by seeded random signs
         (``D W / sqrt(k)``); the same signs in every block of a rotation
-    :param seed: seed of the random signs (R1 uses ``seed``, R2 ``seed + 1``)
+    :param seed: seed of the random signs (the i-th rotation group uses ``seed + i``)
     :param ignore: modules not to rotate; refused where it would split a rotation
     :param mappings: where R1/R2 go, for architectures not in
         ``gsr_plugin.mappings.SUPPORTED_MODEL_TYPES`` (give ``norm_mappings`` too)

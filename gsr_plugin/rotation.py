@@ -80,7 +80,7 @@ class FusedRotationModifier(Modifier, use_enum_values=True):
     :param block_size: R1 block size (subclasses give the default and the rule)
     :param r4_block_size: R4 block size, dividing intermediate_size (subclasses give
         the default)
-    :param seed: seed of any randomness (R1 uses ``seed``, R2 ``seed + 1``)
+    :param seed: seed of any randomness (the i-th rotation group uses ``seed + i``)
     :param ignore: modules not to rotate. A rotation has to cover every module on
         its path to stay exact, so an ignore that would split R1, or separate a
         v_proj from its o_proj under R2, is refused
