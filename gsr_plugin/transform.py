@@ -107,6 +107,9 @@ class NaturalWalshFactory(WalshFactory):
     ordering: Ordering = "natural"
 
 
+_FUSE_CHUNK_ELEMENTS = 1 << 22  # 32 MB of float64 per slice when fusing into a weight
+
+
 class GroupedWalshTransform(TransformBase):
     """Applies ``blockdiag(M, ..., M)`` (``M = weight / sqrt(k)``) where
     ``TransformArgs.location`` says, with the fast transform for large blocks.
@@ -160,30 +163,33 @@ class GroupedWalshTransform(TransformBase):
     def forward(self, value: Tensor) -> Tensor:
         location = TransformLocation(self.args.location)
         inverse = bool(self.args.inverse)
-        # online: the scheme's precision, or the input's if that is wider (a float64
-        # model stays float64); fused into weights: always float64
-        dtype = torch.promote_types(self.scheme.precision, value.dtype) if location.is_online() else torch.float64
-        x = value.to(dtype)
         if location.is_online():
-            out = self._right_multiply(x, transpose=inverse)
-        elif self.module_type is torch.nn.Embedding:
-            if location == TransformLocation.WEIGHT_OUTPUT:
-                out = self._right_multiply(x, transpose=inverse)
-            else:
-                out = self._right_multiply(x.T, transpose=not inverse).T
+            # the scheme's precision, or the input's if that is wider (float64 stays float64)
+            dtype = torch.promote_types(self.scheme.precision, value.dtype)
+            return self._right_multiply(value.to(dtype), transpose=inverse).to(value.dtype)
+        if self.module_type is torch.nn.Embedding:
+            along_rows, transpose = location == TransformLocation.WEIGHT_OUTPUT, inverse
+            if not along_rows:
+                transpose = not inverse
         elif self.module_type is torch.nn.Linear:
-            if location == TransformLocation.WEIGHT_INPUT:
-                out = self._right_multiply(x, transpose=not inverse)
-            else:
-                out = self._right_multiply(x.T, transpose=inverse).T
+            along_rows = location == TransformLocation.WEIGHT_INPUT
+            transpose = not inverse if along_rows else inverse
         else:
             raise NotImplementedError(
                 f"{type(self).__name__} cannot transform the weight of "
                 f"{self.module_type.__name__} at {location.value}; target Linear or "
                 "Embedding modules"
             )
+        rows = value if along_rows else value.T
+        out = torch.empty(rows.shape, dtype=value.dtype, device=value.device)
+        # fused in float64, a slice of rows at a time: the float64 copies of a large
+        # weight (a 49152 x 576 embedding is 226 MB in float64) never exist whole
+        step = max(1, _FUSE_CHUNK_ELEMENTS // rows.shape[-1])
+        for start in range(0, rows.shape[0], step):
+            chunk = rows[start : start + step].to(torch.float64)
+            out[start : start + step] = self._right_multiply(chunk, transpose=transpose).to(value.dtype)
         # contiguous: offload caches (disk) serialize the result as it is
-        return out.to(value.dtype).contiguous()
+        return out if along_rows else out.T.contiguous()
 
     def __repr__(self) -> str:
         return (

@@ -45,9 +45,9 @@ Ordering = Literal["sequency", "natural"]
 ORDERINGS: tuple[str, ...] = ("sequency", "natural")
 
 # Blocks up to this size are applied as one batched dense product, larger ones with
-# the fast transform. Measured by benchmarks/bench_walsh.py (docs/results.md): on CPU
-# the dense product of a 64-block is cheaper than six butterfly passes over memory.
-DENSE_MAX_BLOCK = 128
+# the fast transform: where each wins was measured by benchmarks/cost.py on CPU
+# (docs/results/cost.md: dense faster up to 512, fast from 1024 on, 0.24x at 8192).
+DENSE_MAX_BLOCK = 512
 
 
 def is_power_of_two(n: int) -> bool:
