@@ -1,8 +1,11 @@
 """compressed-tensors transform types for grouped Walsh rotations.
 
-``sequency-walsh`` (the GSR block) and ``natural-walsh`` (Sylvester order, for
-ablations) are registered in compressed-tensors' ``TransformFactory`` registry on
-import. A scheme's ``head_dim`` is the block size k: the rotation is block-diagonal
+Registered in compressed-tensors' ``TransformFactory`` registry on import:
+``sequency-walsh`` (the GSR block), ``natural-walsh`` (Sylvester order, for ablations),
+``sequency-permutation`` (the sequency row map alone, to fold it into a weight) and
+``random-orthogonal`` (the full-width random rotation baseline).
+
+For the Walsh types, a scheme's ``head_dim`` is the block size k: the rotation is block-diagonal
 with identical k x k blocks ``M = D W / sqrt(k)``, ``W`` the +-1 Walsh matrix in the
 type's order and ``D`` the diagonal of +-1 signs drawn from the factory's seed when
 ``scheme.randomize`` (identity otherwise). Like the built-in ``hadamard`` type the
@@ -167,13 +170,13 @@ class GroupedWalshTransform(TransformBase):
             # the scheme's precision, or the input's if that is wider (float64 stays float64)
             dtype = torch.promote_types(self.scheme.precision, value.dtype)
             return self._right_multiply(value.to(dtype), transpose=inverse).to(value.dtype)
-        if self.module_type is torch.nn.Embedding:
-            along_rows, transpose = location == TransformLocation.WEIGHT_OUTPUT, inverse
-            if not along_rows:
-                transpose = not inverse
-        elif self.module_type is torch.nn.Linear:
+        # "rows": the result is value @ (T or T.T) row by row; otherwise column by column
+        if self.module_type is torch.nn.Linear:  # W @ T.T (weight_input), T.T @ W (weight_output)
             along_rows = location == TransformLocation.WEIGHT_INPUT
-            transpose = not inverse if along_rows else inverse
+            transpose = (not inverse) if along_rows else inverse
+        elif self.module_type is torch.nn.Embedding:  # E @ T (weight_output), T @ E (weight_input)
+            along_rows = location == TransformLocation.WEIGHT_OUTPUT
+            transpose = inverse if along_rows else (not inverse)
         else:
             raise NotImplementedError(
                 f"{type(self).__name__} cannot transform the weight of "
