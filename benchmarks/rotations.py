@@ -4,11 +4,14 @@ rotation, GPTQ (asymmetric integer weights unless stated), WikiText-2 perplexity
 Results go to ``<out>/<suite>.json`` after each run (``--resume`` continues a stopped
 suite); ``tables`` turns them into Markdown and plots.
 
-    python benchmarks/rotations.py main --out docs/results          # full test stream
+    python benchmarks/rotations.py main --out docs/results          # W3 g64, full test stream
+    python benchmarks/rotations.py bits --out docs/results          # W4 per-channel, W2 g64
     python benchmarks/rotations.py blocks --out docs/results        # block size, group 64 and 32
     python benchmarks/rotations.py activations --out docs/results   # W4A8, W4A4 (R1+R2)
     python benchmarks/rotations.py online --out docs/results        # W4A4, W2A4, KV4 with R4
     python benchmarks/rotations.py tables --out docs/results
+
+Suites list their runs in priority order; ``--limit N`` runs the first N.
 
 All rotations here are applied exactly (RMSNorm scales fused, no mean-centering), so a
 difference between two rows is the matrix's doing.
@@ -29,29 +32,43 @@ from gsr_plugin.recipes import METHODS, RecipeSetting
 # the issue's list: no rotation; full-width random orthogonal; natural-order Hadamard
 # blocks; random-sign Hadamard blocks; sequency blocks (GSR); GSR with random signs
 MAIN_METHODS = ["none", "random_orthogonal", "natural", "natural_random", "gsr", "gsr_random"]
-# (bits, group): group None = per-channel. W3 and W4 per-channel first: they separate.
-# W4 in groups of 64 is left to `gsr compare` (docs/guide.md): near-lossless on this
-# model, whose weights are dequantized 4-bit values in groups of 32
-MAIN_SETTINGS = [(3, 64), (4, None), (2, 64)]
+# rotations compared at the other bit widths (the sign-randomized variants are in `main`)
+BITS_METHODS = ["none", "random_orthogonal", "natural", "gsr"]
+# (bits, group) of `bits`: group None = per-channel. W4 in groups of 64 is left to
+# `gsr compare` (docs/guide.md): near-lossless on this model, whose weights are
+# dequantized 4-bit values in groups of 32
+BITS_SETTINGS = [(2, 64), (4, None)]
 
 
 def main_suite() -> list[RecipeSetting]:
-    return [RecipeSetting(m, bits, group, symmetric=False) for bits, group in MAIN_SETTINGS for m in MAIN_METHODS]
+    """W3 asymmetric, groups of 64, every rotation: where rotations separate."""
+    return [RecipeSetting(m, 3, 64, symmetric=False) for m in MAIN_METHODS]
+
+
+def bits_suite() -> list[RecipeSetting]:
+    """W4 per-channel and W2 in groups of 64."""
+    return [RecipeSetting(m, bits, group, symmetric=False) for bits, group in BITS_SETTINGS for m in BITS_METHODS]
 
 
 def blocks_suite() -> list[RecipeSetting]:
-    """W3, groups of 64 and 32: Walsh blocks 16/32/64 in both orders (ordering can only
-    matter where a group is smaller than a block), random Hadamard 192 and 576
-    (K * 2^m constructions), full-width random orthogonal."""
+    """W3, groups of 32 then 64: Walsh blocks 64/32/16 in sequency order, and the
+    natural order where it can differ (a group smaller than the block: 64 with groups of
+    32), random Hadamard 192 and 576 (K * 2^m constructions), full-width random
+    orthogonal; the orderings that can only differ by GPTQ's column order come last."""
     out = []
-    for group in (64, 32):
+    for group in (32, 64):
         out.append(RecipeSetting("none", 3, group, symmetric=False))
-        for block in (16, 32, 64):
-            for method in ("natural", "gsr"):
-                out.append(RecipeSetting(method, 3, group, symmetric=False, block_size=block))
+        out.append(RecipeSetting("gsr", 3, group, symmetric=False, block_size=64))
+        if group < 64:
+            out.append(RecipeSetting("natural", 3, group, symmetric=False, block_size=64))
+        for block in (32, 16):
+            out.append(RecipeSetting("gsr", 3, group, symmetric=False, block_size=block))
         for block in (192, 576):
             out.append(RecipeSetting("random_hadamard_exact", 3, group, symmetric=False, block_size=block))
         out.append(RecipeSetting("random_orthogonal", 3, group, symmetric=False))
+    for group in (32, 64):
+        for block in (32, 16) if group < 64 else (64, 32, 16):
+            out.append(RecipeSetting("natural", 3, group, symmetric=False, block_size=block))
     return out
 
 
@@ -61,30 +78,31 @@ def activations_suite() -> list[RecipeSetting]:
     (that needs the online R4)."""
     return [
         RecipeSetting(method, 4, 64, symmetric=False, activation_bits=acts)
+        for method in ("none", "gsr", "natural", "random_orthogonal")
         for acts in (8, 4)
-        for method in ("none", "random_orthogonal", "natural", "gsr")
     ]
 
 
 def online_suite() -> list[RecipeSetting]:
     """W4A4 and W2A4 (int4 dynamic per-token activations) with a 4-bit KV cache, after
     R1+R2+R4: llm-compressor's SpinQuant with ``hadamard`` (blocks of 64 for R1 and R4:
-    its one block size must be a power of two dividing 576), GSR in natural and
-    sequency order (R4 blocks of 512, the default, and of 64 as SpinQuant's). R3 is left
+    its one block size must be a power of two dividing 576), GSR with R4 blocks of 512
+    (the default) and of 64 (as SpinQuant's). R3 is left
     out: with a quantized KV cache it fails inside compressed-tensors 0.19, for
     SpinQuant's R3 as for ours."""
     out = []
     for bits in (4, 2):
         out.append(RecipeSetting("none", bits, 64, symmetric=False, activation_bits=4, kv_bits=4))
-        for method, r4 in (("hadamard", None), ("natural", None), ("gsr", None), ("gsr", 64)):
+        for method, r4 in (("hadamard", None), ("gsr", None), ("gsr", 64)):
             out.append(
                 RecipeSetting(method, bits, 64, symmetric=False, activation_bits=4, kv_bits=4, online_r4=True, r4_block_size=r4)
             )
     return out
 
 
-SUITES = {"main": main_suite, "blocks": blocks_suite, "activations": activations_suite, "online": online_suite}
-WINDOWS = {"main": None, "blocks": 20, "activations": 20, "online": 20}
+SUITES = {"main": main_suite, "online": online_suite, "bits": bits_suite, "blocks": blocks_suite,
+          "activations": activations_suite}
+WINDOWS = {"main": None, "online": 20, "bits": 20, "blocks": 20, "activations": 20}
 
 
 def run(suite: str, args) -> None:
@@ -92,7 +110,7 @@ def run(suite: str, args) -> None:
     command = "python benchmarks/rotations.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     run_settings(
         args.model,
-        SUITES[suite](),
+        SUITES[suite]()[: args.limit],
         Path(args.out) / f"{suite}.json",
         calib_samples=args.calib_samples,
         calib_len=args.calib_len,
@@ -164,7 +182,8 @@ def plot_main(report: dict, path: Path) -> None:
     columns = list(dict.fromkeys(_column(r) for r in report["runs"]))
     methods = list(dict.fromkeys(r["method"] for r in report["runs"]))
     cell = {(r["method"], _column(r)): r["ppl"] for r in report["runs"]}
-    fig, axes = plt.subplots(1, len(columns), figsize=(3.2 * len(columns), 3.6), dpi=120)
+    fig, axes = plt.subplots(1, len(columns), figsize=(3.2 * len(columns) + 0.8, 3.6), dpi=120, squeeze=False)
+    axes = axes[0]
     for ax, column in zip(axes, columns):
         values = [cell.get((m, column), float("nan")) for m in methods]
         ax.bar(range(len(methods)), values, color=[f"C{i}" for i in range(len(methods))])
@@ -216,6 +235,10 @@ def tables(out: Path) -> str:
         main = json.loads((out / "main.json").read_text())
         parts += ["## Main table", "", _protocol(main), "", table(main, lambda r: r["method"]), ""]
         plot_main(main, out / "main.png")
+    if (out / "bits.json").is_file():
+        bits = json.loads((out / "bits.json").read_text())
+        parts += ["## Other bit widths", "", _protocol(bits), "", table(bits, lambda r: r["method"]), ""]
+        plot_main(bits, out / "bits.png")
     if (out / "blocks.json").is_file():
         blocks = json.loads((out / "blocks.json").read_text())
         parts += ["## Block size and ordering", "", _protocol(blocks), "", table(blocks, _block_row), ""]
@@ -241,6 +264,7 @@ def cli(argv=None) -> None:
     parser.add_argument("--ppl-windows", default=None, help="override: N or 'all' (main: all, others: 20)")
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--resume", action="store_true", help="keep the runs already in <out>/<suite>.json")
+    parser.add_argument("--limit", type=int, default=None, help="only the first N runs of each suite (they are in priority order)")
     args = parser.parse_args(argv)
     if args.suite != "tables":
         for suite in SUITES if args.suite == "all" else [args.suite]:

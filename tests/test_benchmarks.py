@@ -1,0 +1,80 @@
+"""benchmarks/rotations.py (run by hand): its suites are valid recipes with distinct
+resume keys, and its tables and plots render from saved reports."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from gsr_plugin.compare import _block_suffix
+from gsr_plugin.recipes import recipe_yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def rotations():
+    spec = importlib.util.spec_from_file_location("bench_rotations", ROOT / "benchmarks" / "rotations.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_every_suite_has_distinct_resume_keys_and_valid_recipes(rotations):
+    from llmcompressor.recipe import Recipe
+
+    import gsr_plugin  # noqa: F401  (registers GSRModifier for the recipe parser)
+
+    for name, suite in rotations.SUITES.items():
+        settings = suite()
+        keys = [s.name + _block_suffix(s) for s in settings]
+        assert len(set(keys)) == len(keys), name
+        for setting in settings:
+            text = recipe_yaml(setting, head_dim=64)
+            assert yaml.safe_load(text)
+            Recipe.create_instance(text)
+
+
+def test_online_suite_compares_none_hadamard_and_gsr_with_r4(rotations):
+    runs = rotations.online_suite()
+    assert {(s.method, s.weight_bits) for s in runs} >= {(m, b) for m in ("none", "hadamard", "gsr") for b in (4, 2)}
+    assert all(s.activation_bits == 4 and s.kv_bits == 4 for s in runs)
+    assert all(s.online_r4 for s in runs if s.method != "none")
+
+
+def _report(runs):
+    return {
+        "command": "python benchmarks/rotations.py x",
+        "protocol": {"model": "default", "calib_samples": 4, "calib_len": 8, "seed": 0, "ppl_windows": 2},
+        "fp": {"ppl": 20.0, "windows": 2, "total_windows": 148, "seq_len": 2048},
+        "runs": runs,
+    }
+
+
+def _run(method, bits, group, ppl, **extra):
+    return {"method": method, "bits": bits, "group_size": group, "activation_bits": 16, "block_size": None,
+            "online_r4": False, "r4_block_size": None, "kv_bits": None, "ppl": ppl, **extra}
+
+
+def test_tables_render_every_saved_suite(rotations, tmp_path):
+    (tmp_path / "main.json").write_text(json.dumps(_report([_run("none", 3, 64, 41.7), _run("gsr", 3, 64, 35.1)])))
+    (tmp_path / "bits.json").write_text(json.dumps(_report([_run("none", 2, 64, 1.5e4), _run("gsr", 4, None, 24.0)])))
+    (tmp_path / "blocks.json").write_text(json.dumps(_report([
+        _run("none", 3, 32, 40.0), _run("gsr", 3, 32, 35.0, block_size=64), _run("natural", 3, 32, 36.0, block_size=64),
+        _run("random_hadamard_exact", 3, 32, 34.0, block_size=192),
+    ])))
+    (tmp_path / "online.json").write_text(json.dumps(_report([
+        _run("none", 4, 64, 300.0, activation_bits=4, kv_bits=4),
+        _run("gsr", 4, 64, 30.0, activation_bits=4, kv_bits=4, online_r4=True, r4_block_size=64),
+    ])))
+    text = rotations.tables(tmp_path)
+    assert "| none | 41.70 |" in text and "| gsr | 35.10 |" in text
+    assert "W2 g64" in text and "W4 per-channel" in text and "1.50e+04" in text
+    assert "| gsr, block 64 | 35.00 |" in text
+    assert "| gsr R1+R2+R4 (R4 block 64) | 30.00 |" in text and "W4A4KV4 g64" in text
+    assert "first 2 of 148 windows" in text
+    for png in ("main.png", "bits.png", "blocks.png"):
+        assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "tables.md").read_text() == text
