@@ -115,6 +115,29 @@ def test_greedy_divergence_is_a_tie_only_below_the_allowed_gap():
 # --------------------------------------------------------------- real vLLM
 
 
+
+# Calibration text where no WikiText-2 is at hand (the check compares vLLM with
+# transformers on the same checkpoint, so what it was calibrated on does not matter).
+FALLBACK_CALIBRATION = (
+    " = Rotations = \n A rotation of the residual stream spreads outlier channels over many"
+    " others , so that a quantization grid fits the weights better . The model computes the"
+    " same function , because every rotation is undone in the next layer . In 1995 the"
+    " method was unknown ; today it runs on every machine , from phones to large servers . \n"
+)
+
+
+def calibration_data_dir(fallback):
+    """The real data directory when there is one, else ``fallback`` laid out like it."""
+    from gsr_plugin.data import find_data_dir
+
+    found = find_data_dir(None)
+    if found is not None and (found / "wikitext2" / "valid.tokens").is_file():
+        return str(found)
+    (fallback / "wikitext2").mkdir(parents=True, exist_ok=True)
+    (fallback / "wikitext2" / "valid.tokens").write_text(FALLBACK_CALIBRATION * 40)
+    return str(fallback)
+
+
 @pytest.fixture(scope="module")
 def small_gsr_checkpoints(default_model_dir, tmp_path_factory):
     """The default model cut to 2 layers (real weights: confident predictions), then
@@ -125,6 +148,7 @@ def small_gsr_checkpoints(default_model_dir, tmp_path_factory):
     from gsr_plugin.quantize import quantize
 
     root = tmp_path_factory.mktemp("serve")
+    data_dir = calibration_data_dir(root / "data")
     model = AutoModelForCausalLM.from_pretrained(default_model_dir, dtype=torch.float32)
     model.model.layers = model.model.layers[:2]
     model.config.num_hidden_layers = 2
@@ -132,7 +156,7 @@ def small_gsr_checkpoints(default_model_dir, tmp_path_factory):
     AutoTokenizer.from_pretrained(default_model_dir).save_pretrained(root / "fp")
     out = {}
     for recipe in ("gsr_w4a16_g64_gptq", "gsr_w8a8_gptq"):
-        out[recipe] = quantize(str(root / "fp"), recipe, root / recipe, calib_samples=4, calib_len=64)
+        out[recipe] = quantize(str(root / "fp"), recipe, root / recipe, calib_samples=4, calib_len=64, data_dir=data_dir)
     return out
 
 
