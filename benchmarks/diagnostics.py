@@ -62,16 +62,13 @@ def layer_type(name: str) -> str | None:
 
 def diagnose(model, windows: torch.Tensor) -> dict:
     weights: dict = defaultdict(lambda: defaultdict(list))
-    for name, module in model.named_modules():
-        kind = layer_type(name)
-        if kind and isinstance(module, torch.nn.Linear):
-            for label, (bits, group) in WEIGHT_SETTINGS.items():
-                weights[label][kind].append(rtn_relative_error(module.weight.detach(), bits, group))
     ratios: dict = defaultdict(list)
     hooks = []
     for name, module in model.named_modules():
         kind = layer_type(name)
         if kind and isinstance(module, torch.nn.Linear):
+            for label, (bits, group) in WEIGHT_SETTINGS.items():
+                weights[label][kind].append(rtn_relative_error(module.weight.detach(), bits, group))
             hooks.append(module.register_forward_pre_hook(
                 lambda m, args, kind=kind: ratios[kind].append(grid_to_std(args[0].detach()).mean().item())
             ))

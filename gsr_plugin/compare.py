@@ -19,7 +19,7 @@ from gsr_plugin.models import resolve_model
 from gsr_plugin.perplexity import perplexity
 from gsr_plugin.recipes import METHODS, RecipeSetting, recipe_yaml
 
-__all__ = ["CompareSettings", "DEFAULT_METHODS", "compare", "run_settings", "markdown_table", "plot"]
+__all__ = ["CompareSettings", "DEFAULT_METHODS", "compare", "run_settings", "run_key", "markdown_table", "plot"]
 
 DEFAULT_METHODS = ["none", "hadamard", "random_hadamard", "gsr", "gsr_random"]
 
@@ -125,8 +125,9 @@ def run_settings(
     }
     done = {r["recipe"]: r for r in previous.get("runs", [])}
     for setting in tqdm(settings, desc="runs", unit="run"):
-        if setting.name + _block_suffix(setting) in done:
-            report["runs"].append(done[setting.name + _block_suffix(setting)])
+        key = run_key(setting)
+        if key in done:
+            report["runs"].append(done[key])
             continue
         quantized = load()
         start = time.perf_counter()
@@ -142,7 +143,7 @@ def run_settings(
         result = perplexity(quantized, stream, max_windows=ppl_windows, progress=False)
         report["runs"].append(
             {
-                "recipe": setting.name + _block_suffix(setting),
+                "recipe": key,
                 "method": setting.method,
                 "bits": setting.weight_bits,
                 "group_size": setting.group_size,
@@ -157,15 +158,17 @@ def run_settings(
                 "quantize_seconds": round(seconds, 1),
             }
         )
-        tqdm.write(f"{setting.name}{_block_suffix(setting)}: PPL {result.ppl:.2f}")
+        tqdm.write(f"{key}: PPL {result.ppl:.2f}")
         out_json.write_text(json.dumps(report, indent=2) + "\n")
         del quantized
     out_json.write_text(json.dumps(report, indent=2) + "\n")
     return report
 
 
-def _block_suffix(setting: RecipeSetting) -> str:
-    return "" if setting.block_size is None else f"_b{setting.block_size}"  # R1 block, when not the default
+def run_key(setting: RecipeSetting) -> str:
+    """A run's name in reports (and the key ``resume`` matches): the recipe name, plus
+    the R1 block when it is not the default."""
+    return setting.name + ("" if setting.block_size is None else f"_b{setting.block_size}")
 
 
 def _fmt(ppl: float) -> str:

@@ -267,8 +267,8 @@ class FusedRotationModifier(Modifier, use_enum_values=True):
         if later:
             logger.warning(
                 f"{', '.join(later)} comes after {type(self).__name__}: its rotation will be "
-                "applied on top of this one and regroup the weights. Put GSRModifier last "
-                "among the rotations so that quantization sees GSR's grouping."
+                f"applied on top of this one and regroup the weights. Put {type(self).__name__} "
+                "last among the rotations so that quantization sees its grouping."
             )
 
     # ---------------------------------------------------------------- actions
@@ -294,7 +294,6 @@ class FusedRotationModifier(Modifier, use_enum_values=True):
             logger.info(f"{already} of {len(pairs)} norms already had unit weight; not fused again")
 
 
-
 def head_dim_of(config) -> int:
     head_dim = getattr(config, "head_dim", None)
     return head_dim or config.hidden_size // config.num_attention_heads
@@ -302,8 +301,8 @@ def head_dim_of(config) -> int:
 
 def _check_not_quantized(model: torch.nn.Module, name: str) -> None:
     quantized = [
-        name
-        for name, module in model.named_modules()
+        module_name
+        for module_name, module in model.named_modules()
         if getattr(module, "quantization_scheme", None) is not None
     ]
     if quantized:

@@ -34,7 +34,7 @@ from compressed_tensors.utils import get_execution_device, get_offloaded_device
 from torch import Tensor
 from torch.nn import Module, Parameter
 
-from gsr_plugin.walsh import Ordering, grouped_walsh_transform, random_signs, walsh_matrix
+from gsr_plugin.walsh import Ordering, grouped_walsh_transform, random_signs, sequency_permutation, walsh_matrix
 
 __all__ = [
     "SEQUENCY_WALSH",
@@ -239,8 +239,6 @@ class SequencyPermutationTransform(TransformBase):
         super().__init__()
         self.block = block
         self.args = args
-        from gsr_plugin.walsh import sequency_permutation
-
         perm = sequency_permutation(block)
         self.register_buffer("order", torch.argsort(perm) if not args.inverse else perm, persistent=False)
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from gsr_plugin.compare import _block_suffix
+from gsr_plugin.compare import run_key
 from gsr_plugin.recipes import recipe_yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,7 +29,7 @@ def test_every_suite_has_distinct_resume_keys_and_valid_recipes(rotations):
 
     for name, suite in rotations.SUITES.items():
         settings = suite()
-        keys = [s.name + _block_suffix(s) for s in settings]
+        keys = [run_key(s) for s in settings]
         assert len(set(keys)) == len(keys), name
         for setting in settings:
             text = recipe_yaml(setting, head_dim=64)
