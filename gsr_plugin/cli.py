@@ -146,14 +146,18 @@ def cmd_quantize(args) -> int:
     return 0
 
 
-def _say_servability(checkpoint) -> None:
-    from gsr_plugin.serving import unservable_reasons
+def _say_servability(checkpoint, kernels=None) -> None:
+    """Where vLLM serves the checkpoint: this CPU (its kernel build, probed where the
+    vLLM environment exists, else predicted), and GPU (by vLLM's rules)."""
+    from gsr_plugin.serving import local_vllm_kernels, unservable_reasons
 
-    cpu, gpu = unservable_reasons(checkpoint, "cpu"), unservable_reasons(checkpoint, "cuda")
+    kernels = kernels or local_vllm_kernels()
+    cpu, gpu = unservable_reasons(checkpoint, "cpu", kernels), unservable_reasons(checkpoint, "cuda")
     if not cpu:
-        _say(f"vLLM can serve it: `vllm serve {checkpoint}`; check with `gsr serve-check {checkpoint}`")
+        _say(f"vLLM can serve it on this CPU ({kernels.describe()}): `vllm serve {checkpoint}`; "
+             f"check with `gsr serve-check {checkpoint}`")
         return
-    _say("vLLM cannot serve this checkpoint on CPU:\n  - " + "\n  - ".join(cpu))
+    _say(f"vLLM cannot serve this checkpoint on this CPU ({kernels.describe()}):\n  - " + "\n  - ".join(cpu))
     if gpu:
         _say("nor on GPU:\n  - " + "\n  - ".join(gpu))
     else:

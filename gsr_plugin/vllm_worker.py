@@ -1,18 +1,81 @@
 """Runs inside the vLLM environment (scripts/vllm_env.sh), not in gsr-plugin's: it
-imports only the standard library and vLLM.
+imports only the standard library, torch and vLLM.
 
-    python vllm_worker.py REQUEST.json RESULT.json
+    python vllm_worker.py REQUEST.json RESULT.json    # serve and score
+    python vllm_worker.py --probe RESULT.json         # which kernels this vLLM has here
 
 REQUEST: {"checkpoint", "dtype", "prompts": [str], "references": [str], "max_tokens",
 "max_model_len"}. RESULT: for each prompt the prompt and greedy token ids; for each
 reference text its token ids and the log-probability vLLM gives every token after the
 first (``prompt_logprobs``, computed from the raw logits).
+
+The probe loads vLLM's kernel library the way vLLM does on this processor (on x86
+CPUs one of three builds, chosen by torch's instruction-set checks) and reports which
+of the ops in ``PROBED_OPS`` it registered.
+
+``GSR_VLLM_CPU_ISA=avx2`` makes vLLM load its AVX2 build even where AVX-512 is present,
+as it does on a processor without AVX-512 (AVX2 code runs on both), so that both kinds
+of machine can be checked on either. It is applied at import, so the engine processes
+vLLM spawns (which re-run this file as ``__mp_main__``) see it too.
 """
 
 import json
 import os
 import sys
 import time
+
+# ops whose presence decides what vLLM can run on CPU (vllm-cpu 0.32, x86)
+PROBED_OPS = (
+    "cpu_gemm_wna16",  # int4 weight-only linears (compressed-tensors W4A16, GPTQ)
+    "int4_scaled_mm_cpu",  # int4 weights as W4A8 on AMX (VLLM_CPU_INT4_W4A8=1)
+    "onednn_scaled_mm",  # int8 W8A8 linears through oneDNN
+    "int8_scaled_mm_with_quant",  # int8 W8A8 linears on AMX
+    "onednn_mm",  # unquantized bf16/fp16 linears through oneDNN
+    "cpu_attention_with_kv_cache",  # paged attention on CPU
+)
+
+
+def _apply_isa_override() -> None:
+    isa = os.environ.get("GSR_VLLM_CPU_ISA", "").lower()
+    if not isa:
+        return
+    if isa != "avx2":
+        raise SystemExit(f"GSR_VLLM_CPU_ISA={isa!r}: only 'avx2' can be simulated (unset it to use the processor's own)")
+    import torch
+
+    for name in dir(torch.cpu):  # what vLLM's build choice and kernel dispatch read
+        if name.startswith(("_is_avx512", "_is_amx")):
+            setattr(torch.cpu, name, lambda: False)
+
+
+if __name__ in ("__main__", "__mp_main__"):  # not when gsr-plugin imports PROBED_OPS
+    _apply_isa_override()
+
+
+def probe() -> dict:
+    import torch
+    import vllm
+    from vllm.platforms import current_platform
+
+    platform = current_platform.device_type
+    build = None
+    if current_platform.is_cpu():
+        current_platform.import_kernels()
+        build = "_C" if torch.cpu._is_avx512_bf16_supported() else "_C_AVX512" if torch.cpu._is_avx512_supported() else "_C_AVX2"
+    ops = getattr(torch.ops, "_C", None)
+    return {
+        "vllm": vllm.__version__,
+        "platform": platform,
+        "build": build,
+        "isa": {
+            "avx2": bool(torch.cpu._is_avx2_supported()),
+            "avx512": bool(torch.cpu._is_avx512_supported()),
+            "avx512_bf16": bool(torch.cpu._is_avx512_bf16_supported()),
+            "amx": bool(torch.cpu._is_amx_tile_supported()),
+        },
+        "simulated": os.environ.get("GSR_VLLM_CPU_ISA") or None,
+        "ops": {name: bool(ops is not None and hasattr(ops, name)) for name in PROBED_OPS},
+    }
 
 
 def run(request: dict) -> tuple[dict, object]:
@@ -45,17 +108,24 @@ def run(request: dict) -> tuple[dict, object]:
         "load_seconds": round(loaded, 1),
         "generations": generations,
         "references": references,
-        "env": {k: v for k, v in os.environ.items() if k.startswith("VLLM_CPU")},
+        "env": {k: v for k, v in os.environ.items() if k.startswith(("VLLM_CPU", "GSR_VLLM_CPU_ISA"))},
     }, llm
 
 
+def _write(path: str, result: dict) -> None:
+    with open(path, "w") as f:
+        json.dump(result, f)
+
+
 if __name__ == "__main__":
+    if sys.argv[1] == "--probe":
+        _write(sys.argv[2], probe())
+        sys.exit(0)
     request_path, result_path = sys.argv[1], sys.argv[2]
     with open(request_path) as f:
         request = json.load(f)
     result, llm = run(request)
-    with open(result_path, "w") as f:
-        json.dump(result, f)
+    _write(result_path, result)
     # vLLM's own teardown at interpreter exit can abort (seen: SIGABRT after a complete
     # run): stop the engine explicitly, then leave without the interpreter's teardown.
     # The caller also ends this process group, so no engine process outlives us.

@@ -5,6 +5,9 @@
 # llm-compressor's pins, so vLLM lives in its own environment. It is cached under
 # ${GSR_CACHE_DIR:-~/.cache/gsr-plugin}/vllm-<hash of the pins below> and rebuilt only
 # when the pins change. Prints the environment's python on the last line.
+#
+#   vllm_env.sh             build it if needed
+#   vllm_env.sh --if-built  only report it: exit 3 (printing nothing) when not built
 set -euo pipefail
 
 VLLM_PINS=(
@@ -19,6 +22,9 @@ key=$(printf '%s\n' "${VLLM_PINS[@]}" "${REMOVE[@]}" | sha256sum | cut -c1-12)
 env_dir=${GSR_VLLM_VENV:-$cache/vllm-$key}
 stamp="$env_dir/.gsr-vllm-ready"
 
+if [ ! -f "$stamp" ] && [ "${1:-}" = "--if-built" ]; then
+  exit 3
+fi
 if [ ! -f "$stamp" ]; then
   echo "[gsr] building the vLLM environment at $env_dir (once; a few minutes)" >&2
   rm -rf "$env_dir"

@@ -91,3 +91,18 @@ def test_a_missing_transform_weight_is_an_error(saved_online, tmp_path):
 def test_checkpoint_without_online_transforms_is_left_alone(tiny_checkpoints):
     model = AutoModelForCausalLM.from_pretrained(tiny_checkpoints["llama"])
     assert attach_online_transforms(model, tiny_checkpoints["llama"]) == 0
+
+
+def test_rotation_only_checkpoint_loads_with_its_logits(tiny_checkpoints, tmp_path, tokens):
+    """GSR with no quantizer: config.json has a transform_config but no quantization
+    groups, which plain transformers 5.17 cannot load; the loader can, exactly."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_checkpoints["qwen2"], dtype=torch.float32)
+    oneshot(model=model, processor=byte_tokenizer(), output_dir=str(tmp_path), recipe=[GSRModifier()])
+    qconfig = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+    assert "R1" in qconfig["transform_config"]["config_groups"] and not qconfig.get("config_groups")
+    with pytest.raises(AttributeError, match="config_groups"):
+        AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
+    with torch.no_grad():
+        in_memory = model(tokens).logits
+        restored = load_with_online_transforms(tmp_path, dtype=torch.float32)(tokens).logits
+    assert relative_error(restored, in_memory) < 1e-6

@@ -9,8 +9,13 @@ import pytest
 
 from gsr_plugin.cli import main
 from gsr_plugin.serving import (
+    INT4_KERNEL,
+    VLLM_CPU_BUILD_MISSING_OPS,
     Tolerance,
+    VllmKernels,
     compare_outputs,
+    predict_vllm_kernels,
+    probe_vllm_kernels,
     run_transformers,
     run_vllm,
     serve_check,
@@ -18,6 +23,7 @@ from gsr_plugin.serving import (
     PROMPTS,
     REFERENCES,
 )
+from gsr_plugin.vllm_worker import PROBED_OPS
 
 SMOLLM2 = {"hidden_size": 576, "intermediate_size": 1536, "num_attention_heads": 9, "num_key_value_heads": 3, "head_dim": 64}
 
@@ -69,11 +75,43 @@ def test_unservable_checkpoint_is_refused_before_vllm_starts(tmp_path, monkeypat
     import gsr_plugin.serving as serving
 
     monkeypatch.setattr(serving, "run_vllm", lambda *a, **k: pytest.fail("vLLM started"))
+    monkeypatch.setattr(serving, "probe_vllm_kernels", lambda python=None: kernels_of("_C"))
     ckpt = checkpoint(tmp_path, dict(W4G64, num_bits=2))
     with pytest.raises(ValueError, match="cannot serve"):
-        serve_check(ckpt)
-    assert main(["serve-check", str(ckpt), "--device", "cpu"]) == 2
+        serve_check(ckpt, python="unused")
+    assert main(["serve-check", str(ckpt), "--device", "cpu", "--vllm-python", "unused"]) == 2
     assert "2-bit weights" in capsys.readouterr().err
+
+
+def kernels_of(build: str) -> VllmKernels:
+    """A kernel table as vllm-cpu 0.32's ``build`` registers it (no vLLM needed)."""
+    ops = {name: name not in VLLM_CPU_BUILD_MISSING_OPS[build] for name in PROBED_OPS}
+    return VllmKernels("cpu", build, {"avx2": True, "avx512": build != "_C_AVX2"}, ops, "0.32.0")
+
+
+def test_without_the_int4_kernel_w4a16_is_refused_naming_the_op_and_what_serves(tmp_path):
+    reasons = unservable_reasons(checkpoint(tmp_path, W4G64), "cpu", kernels_of("_C_AVX2"))
+    assert len(reasons) == 1
+    for words in (INT4_KERNEL, "_C_AVX2", "AVX-512", "GPU", "gsr_w8a8_gptq"):
+        assert words in reasons[0], (words, reasons[0])
+    assert unservable_reasons(checkpoint(tmp_path, W8CH, A8TOKEN), "cpu", kernels_of("_C_AVX2")) == []
+    assert unservable_reasons(checkpoint(tmp_path, W4G64), "cuda", kernels_of("_C_AVX2")) == []
+    for build in ("_C", "_C_AVX512"):
+        assert unservable_reasons(checkpoint(tmp_path, W4G64), "cpu", kernels_of(build)) == []
+    no_int8 = VllmKernels("cpu", "_C_AVX2", {}, {"onednn_scaled_mm": False, "int8_scaled_mm_with_quant": False})
+    assert "onednn_scaled_mm" in unservable_reasons(checkpoint(tmp_path, W8CH, A8TOKEN), "cpu", no_int8)[0]
+
+
+def test_quantize_does_not_claim_vllm_serves_w4a16_without_the_int4_kernel(tmp_path, capsys):
+    from gsr_plugin.cli import _say_servability
+
+    ckpt = checkpoint(tmp_path, W4G64)
+    _say_servability(ckpt, kernels_of("_C_AVX2"))
+    err = capsys.readouterr().err
+    assert "cannot serve this checkpoint on this CPU" in err and INT4_KERNEL in err
+    assert "vLLM can serve it" not in err and "GPU kernels take this setting" in err
+    _say_servability(ckpt, kernels_of("_C_AVX512"))
+    assert "vLLM can serve it on this CPU" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------ comparison logic
@@ -160,14 +198,99 @@ def small_gsr_checkpoints(default_model_dir, tmp_path_factory):
     return out
 
 
+def test_without_a_vllm_environment_kernels_are_predicted(tmp_path, monkeypatch):
+    from gsr_plugin.serving import local_vllm_kernels
+
+    monkeypatch.delenv("GSR_VLLM_PYTHON", raising=False)
+    monkeypatch.setenv("GSR_CACHE_DIR", str(tmp_path))  # nothing built there
+    kernels = local_vllm_kernels()
+    assert kernels.source == "predicted" and "predicted" in kernels.describe()
+    assert not (tmp_path / "vllm").exists() and list(tmp_path.iterdir()) == []  # nothing was built
+    monkeypatch.setenv("GSR_VLLM_CPU_ISA", "avx2")
+    assert not local_vllm_kernels().has(INT4_KERNEL)
+
+
+def cpu_has_avx512() -> bool:
+    """The independent reference for which build vLLM loads: the kernel's CPU flags
+    (none when the whole run simulates an AVX2 processor with GSR_VLLM_CPU_ISA=avx2)."""
+    import os
+
+    if os.environ.get("GSR_VLLM_CPU_ISA") == "avx2":
+        return False
+    with open("/proc/cpuinfo") as f:
+        return " avx512f " in f.read().replace("\n", " ")
+
+
 @pytest.fixture(scope="module")
-def vllm_results(small_gsr_checkpoints):
-    return {name: run_vllm(str(path), "bfloat16", PROMPTS, REFERENCES, 8) for name, path in small_gsr_checkpoints.items()}
+def native_kernels():
+    return probe_vllm_kernels()
+
+
+@pytest.fixture
+def simulated_avx2(monkeypatch):
+    """vLLM loads its AVX2 build, as on a processor without AVX-512 (a no-op there)."""
+    monkeypatch.setenv("GSR_VLLM_CPU_ISA", "avx2")
+
+
+def test_probe_finds_the_build_this_processor_loads(native_kernels):
+    assert native_kernels.platform == "cpu" and native_kernels.source == "probe"
+    assert (native_kernels.build != "_C_AVX2") == cpu_has_avx512(), native_kernels
+    assert native_kernels.has(INT4_KERNEL) == cpu_has_avx512()
+    # the table used where no vLLM environment is built agrees with the probe
+    assert predict_vllm_kernels().ops == native_kernels.ops
+
+
+def test_probe_of_the_avx2_build(simulated_avx2):
+    kernels = probe_vllm_kernels()
+    assert kernels.build == "_C_AVX2" and kernels.simulated == "avx2"
+    assert not kernels.has(INT4_KERNEL) and kernels.has("onednn_scaled_mm")
+    assert predict_vllm_kernels().ops == kernels.ops
+
+
+def test_the_avx2_build_really_lacks_the_int4_kernel(small_gsr_checkpoints, simulated_avx2):
+    """Why the refusal exists: vLLM's own run of W4A16 dies at the first forward."""
+    with pytest.raises(RuntimeError, match=INT4_KERNEL):
+        run_vllm(str(small_gsr_checkpoints["gsr_w4a16_g64_gptq"]), "bfloat16", PROMPTS[:1], REFERENCES[:1], 2)
+
+
+def test_serve_check_exits_2_on_w4a16_without_the_int4_kernel(small_gsr_checkpoints, simulated_avx2, monkeypatch, capsys):
+    import gsr_plugin.serving as serving
+
+    monkeypatch.setattr(serving, "run_vllm", lambda *a, **k: pytest.fail("vLLM started"))
+    code = main(["serve-check", str(small_gsr_checkpoints["gsr_w4a16_g64_gptq"]), "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert INT4_KERNEL in err and "AVX-512" in err and "GPU" in err
+
+
+def test_w8a8_serve_check_passes_on_the_avx2_build(small_gsr_checkpoints, simulated_avx2, capsys):
+    code = main(["serve-check", str(small_gsr_checkpoints["gsr_w8a8_gptq"]), "--device", "cpu", "--max-tokens", "8"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "serve-check: PASS" in out and "_C_AVX2" in out
+
+
+@pytest.fixture(scope="module")
+def vllm_result(small_gsr_checkpoints, native_kernels):
+    """vllm_result(recipe): vLLM's outputs on that checkpoint, natively (run once);
+    skipped, naming the missing op, where this processor's vLLM build cannot run it."""
+    results = {}
+
+    def get(recipe: str) -> dict:
+        path = small_gsr_checkpoints[recipe]
+        reasons = unservable_reasons(path, "cpu", native_kernels)
+        if reasons:
+            pytest.skip(f"{recipe} not servable by vLLM on this processor: {reasons[0]}")
+        if recipe not in results:
+            results[recipe] = run_vllm(str(path), "bfloat16", PROMPTS, REFERENCES, 8)
+        return results[recipe]
+
+    return get
 
 
 @pytest.mark.parametrize("recipe", ["gsr_w4a16_g64_gptq", "gsr_w8a8_gptq"])
-def test_vllm_agrees_with_transformers(small_gsr_checkpoints, vllm_results, recipe):
-    path, result = small_gsr_checkpoints[recipe], vllm_results[recipe]
+def test_vllm_agrees_with_transformers(small_gsr_checkpoints, vllm_result, recipe):
+    path, result = small_gsr_checkpoints[recipe], vllm_result(recipe)
     hf = run_transformers(str(path), "float32", result, 8, noise_dtype="bfloat16")
     prompts, refs = compare_outputs(result, hf, Tolerance())
     assert all(r["ok"] for r in refs), refs
@@ -176,20 +299,23 @@ def test_vllm_agrees_with_transformers(small_gsr_checkpoints, vllm_results, reci
     assert all(len(g["ids"]) > 0 for g in result["generations"])
 
 
-def test_the_check_fails_when_vllm_serves_something_else(small_gsr_checkpoints, vllm_results):
-    """vLLM's W4A16 outputs against transformers on the W8A8 checkpoint: a different
+def test_the_check_fails_when_vllm_serves_something_else(small_gsr_checkpoints, vllm_result):
+    """vLLM's W8A8 outputs against transformers on the W4A16 checkpoint: a different
     model must not pass."""
-    result = copy.deepcopy(vllm_results["gsr_w4a16_g64_gptq"])
-    hf = run_transformers(str(small_gsr_checkpoints["gsr_w8a8_gptq"]), "float32", result, 8, noise_dtype="bfloat16")
+    result = copy.deepcopy(vllm_result("gsr_w8a8_gptq"))
+    hf = run_transformers(str(small_gsr_checkpoints["gsr_w4a16_g64_gptq"]), "float32", result, 8, noise_dtype="bfloat16")
     prompts, refs = compare_outputs(result, hf, Tolerance())
     assert not all(r["ok"] for r in refs)
 
 
-def test_serve_check_command_passes_and_writes_its_report(small_gsr_checkpoints, tmp_path, capsys):
+def test_serve_check_command_passes_and_writes_its_report(small_gsr_checkpoints, native_kernels, tmp_path, capsys):
+    ckpt = small_gsr_checkpoints["gsr_w4a16_g64_gptq"]
+    if not native_kernels.has(INT4_KERNEL):
+        pytest.skip(f"W4A16 serve-check: vLLM's {native_kernels.short()} has no {INT4_KERNEL} on this processor")
     report = tmp_path / "serve.json"
-    code = main(["serve-check", str(small_gsr_checkpoints["gsr_w4a16_g64_gptq"]), "--device", "cpu",
-                 "--max-tokens", "8", "--json", str(report)])
+    code = main(["serve-check", str(ckpt), "--device", "cpu", "--max-tokens", "8", "--json", str(report)])
     out = capsys.readouterr().out
     assert code == 0, out
     assert "serve-check: PASS" in out and "VLLM_CPU_INT4_W4A8=0" in out
-    assert json.loads(report.read_text())["ok"] is True
+    written = json.loads(report.read_text())
+    assert written["ok"] is True and written["kernels"]["ops"][INT4_KERNEL] is True
