@@ -96,9 +96,9 @@ def gsr_vs_gptq(calib_samples: int, calib_len: int) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from gsr_plugin import GSRModifier
-    from gsr_plugin.data import calibration_windows
-    from gsr_plugin.models import resolve_model
-    from gsr_plugin.recipes import RecipeSetting, recipe_yaml
+    from gsr_plugin.eval.data import calibration_windows
+    from gsr_plugin.eval.models import resolve_model
+    from gsr_plugin.cli.recipes import RecipeSetting, recipe_yaml
 
     path = resolve_model("default")
     tokenizer = AutoTokenizer.from_pretrained(path)

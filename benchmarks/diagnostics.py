@@ -89,8 +89,8 @@ def run(args) -> dict:
     from llmcompressor import oneshot
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from gsr_plugin.data import calibration_windows
-    from gsr_plugin.models import resolve_model
+    from gsr_plugin.eval.data import calibration_windows
+    from gsr_plugin.eval.models import resolve_model
 
     path = resolve_model(args.model)
     tokenizer = AutoTokenizer.from_pretrained(path)

@@ -23,9 +23,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import gsr_plugin  # noqa: F401  (registers GSRModifier and the sequency-walsh type)
 from gsr_plugin import GSRModifier
-from gsr_plugin.data import calibration_windows, wikitext2_test_text
-from gsr_plugin.models import resolve_model
-from gsr_plugin.perplexity import perplexity
+from gsr_plugin.eval.data import calibration_windows, wikitext2_test_text
+from gsr_plugin.eval.models import resolve_model
+from gsr_plugin.eval.perplexity import perplexity
 
 
 def main(argv: list[str] | None = None) -> dict:

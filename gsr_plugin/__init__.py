@@ -14,8 +14,8 @@ if os.path.basename(sys.argv[0]) == "gsr" and not {"-v", "--verbose"} & set(sys.
     # warning to stdout while it is imported, before the CLI can configure logging
     os.environ.setdefault("LLM_COMPRESSOR_LOG_LEVEL", "ERROR")
 
-from gsr_plugin.baselines import RandomRotationModifier  # noqa: E402
-from gsr_plugin.modifier import GSRModifier, GSRRotation  # noqa: E402
+from gsr_plugin.modifiers.random import RandomRotationModifier  # noqa: E402
+from gsr_plugin.modifiers.gsr import GSRModifier, GSRRotation  # noqa: E402
 from gsr_plugin.transform import NATURAL_WALSH, SEQUENCY_WALSH, register_transform_types  # noqa: E402
 
 __all__ = ["GSRModifier", "GSRRotation", "RandomRotationModifier", "SEQUENCY_WALSH", "NATURAL_WALSH", "register"]

@@ -5,8 +5,8 @@ weights and attach the online R3 (queries/keys after RoPE) and R4 (down_proj inp
 through compressed-tensors transform factories, and record the transforms for
 serialization.
 
-Subclasses choose the matrix: ``GSRModifier`` (gsr_plugin.modifier) grouped Walsh
-blocks in sequency or natural order, ``RandomRotationModifier`` (gsr_plugin.baselines)
+Subclasses choose the matrix: ``GSRModifier`` (gsr_plugin.modifiers.gsr) grouped Walsh
+blocks in sequency or natural order, ``RandomRotationModifier`` (gsr_plugin.modifiers.random)
 random orthogonal or random Hadamard matrices.
 """
 

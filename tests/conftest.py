@@ -97,7 +97,7 @@ def load_tiny(tiny_checkpoints):
 @pytest.fixture(scope="session")
 def default_model_dir():
     """SmolLM2-135M-Instruct as a transformers checkpoint (built once, cached)."""
-    from gsr_plugin.models import default_model_path
+    from gsr_plugin.eval.models import default_model_path
 
     return default_model_path()
 
@@ -123,7 +123,7 @@ def small_data(tmp_path_factory):
 @pytest.fixture
 def no_hub(monkeypatch):
     """The hub is unreachable: loading from it raises as it would offline."""
-    from gsr_plugin import data
+    from gsr_plugin.eval import data
 
     def offline(*args, **kwargs):
         raise ConnectionError("hub unreachable (test)")
@@ -134,6 +134,16 @@ def no_hub(monkeypatch):
 @pytest.fixture
 def tokens():
     return torch.randint(0, TINY["vocab_size"], (2, 24), generator=torch.Generator().manual_seed(7))
+
+
+# transformers' RMSNorm and RoPE run in float32 even in a float64 model, so an exact
+# rotation of a float64 tiny model moves logits by float32 rounding (measured 1e-7)
+FLOAT64_MODEL_FLOOR = 1e-6
+
+
+def logits(model, tokens):
+    with torch.no_grad():
+        return model(tokens).logits
 
 
 def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:

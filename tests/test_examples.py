@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from gsr_plugin.data import find_data_dir
+from gsr_plugin.eval.data import find_data_dir
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 
 from conftest import byte_tokenizer, relative_error
 from gsr_plugin import GSRModifier
-from gsr_plugin.evaluate import load_model
+from gsr_plugin.eval.evaluate import load_model
 from gsr_plugin.loading import attach_online_transforms, load_with_online_transforms, online_transform_config
 
 W4A4 = {

@@ -17,7 +17,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from gsr_plugin.data import DataNotFoundError
+from gsr_plugin.eval.data import DataNotFoundError
 
 __all__ = ["main"]
 
@@ -121,13 +121,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _default_methods() -> list[str]:
-    from gsr_plugin.compare import DEFAULT_METHODS
+    from gsr_plugin.cli.compare import DEFAULT_METHODS
 
     return DEFAULT_METHODS
 
 
 def cmd_quantize(args) -> int:
-    from gsr_plugin.quantize import quantize
+    from gsr_plugin.cli.quantize import quantize
 
     _say(f"quantizing {args.model} with {args.recipe} -> {args.output}")
     output = quantize(
@@ -149,7 +149,7 @@ def cmd_quantize(args) -> int:
 def _say_servability(checkpoint, kernels=None) -> None:
     """Where vLLM serves the checkpoint: this CPU (its kernel build, probed where the
     vLLM environment exists, else predicted), and GPU (by vLLM's rules)."""
-    from gsr_plugin.serving import local_vllm_kernels, unservable_reasons
+    from gsr_plugin.serving.check import local_vllm_kernels, unservable_reasons
 
     kernels = kernels or local_vllm_kernels()
     cpu, gpu = unservable_reasons(checkpoint, "cpu", kernels), unservable_reasons(checkpoint, "cuda")
@@ -165,7 +165,7 @@ def _say_servability(checkpoint, kernels=None) -> None:
 
 
 def cmd_eval(args) -> int:
-    from gsr_plugin.evaluate import evaluate
+    from gsr_plugin.eval.evaluate import evaluate
 
     tasks = [t for t in args.tasks.split(",") if t]
     reports = []
@@ -205,7 +205,7 @@ def _eval_table(reports: list[dict], tasks: list[str]) -> str:
 
 
 def cmd_compare(args) -> int:
-    from gsr_plugin.compare import CompareSettings, compare
+    from gsr_plugin.cli.compare import CompareSettings, compare
 
     settings = CompareSettings(
         model=args.model,
@@ -228,7 +228,7 @@ def cmd_compare(args) -> int:
 
 
 def cmd_serve_check(args) -> int:
-    from gsr_plugin.serving import serve_check
+    from gsr_plugin.serving.check import serve_check
 
     device = args.device or _default_device()
     _say(f"serving {args.checkpoint} with vLLM ({device}, {args.dtype}) and transformers")
@@ -247,7 +247,7 @@ def _default_device() -> str:
 
 
 def cmd_recipes(args) -> int:
-    from gsr_plugin.recipes import METHODS, recipes_dir
+    from gsr_plugin.cli.recipes import METHODS, recipes_dir
 
     if args.methods:
         for name, text in METHODS.items():

@@ -1,11 +1,11 @@
-"""gsr_plugin.compare: a real (tiny) comparison run, and the table and plot writers."""
+"""gsr_plugin.cli.compare: a real (tiny) comparison run, and the table and plot writers."""
 
 import json
 import math
 
 import pytest
 
-from gsr_plugin.compare import CompareSettings, compare, markdown_table, plot
+from gsr_plugin.cli.compare import CompareSettings, compare, markdown_table, plot
 
 
 def test_compare_runs_every_method_and_bit_width(tiny_checkpoints, small_data, tmp_path):
@@ -58,8 +58,8 @@ def test_plot_skips_infinite_points(tmp_path):
 
 
 def test_resume_keeps_finished_runs_and_redoes_nothing(tiny_checkpoints, small_data, tmp_path, monkeypatch):
-    from gsr_plugin.compare import run_settings
-    from gsr_plugin.recipes import RecipeSetting
+    from gsr_plugin.cli.compare import run_settings
+    from gsr_plugin.cli.recipes import RecipeSetting
 
     settings = [RecipeSetting("none", 4, 32, symmetric=False), RecipeSetting("gsr", 4, 32, symmetric=False, block_size=16)]
     kwargs = dict(calib_samples=2, calib_len=16, ppl_windows=1, data_dir=str(small_data))

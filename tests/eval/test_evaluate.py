@@ -1,4 +1,4 @@
-"""gsr_plugin.evaluate: perplexity and PIQA through lm-evaluation-harness, offline,
+"""gsr_plugin.eval.evaluate: perplexity and PIQA through lm-evaluation-harness, offline,
 from the local files; lm-eval's accuracy checked against a direct log-likelihood oracle."""
 
 import json
@@ -6,8 +6,8 @@ import json
 import pytest
 import torch
 
-from gsr_plugin.data import DataNotFoundError, find_data_dir, piqa_validation
-from gsr_plugin.evaluate import evaluate, load_model, zero_shot
+from gsr_plugin.eval.data import DataNotFoundError, find_data_dir, piqa_validation
+from gsr_plugin.eval.evaluate import evaluate, load_model, zero_shot
 
 
 @pytest.fixture

@@ -2,7 +2,7 @@
 
 from datasets import Dataset, DatasetDict
 
-from gsr_plugin.data import piqa_validation
+from gsr_plugin.eval.data import piqa_validation
 
 
 def load_piqa(data_dir=None, **_metadata) -> DatasetDict:

@@ -14,10 +14,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from gsr_plugin.data import calibration_windows, find_data_dir, wikitext2_test_text
-from gsr_plugin.models import resolve_model
-from gsr_plugin.perplexity import perplexity
-from gsr_plugin.recipes import METHODS, RecipeSetting, recipe_yaml
+from gsr_plugin.eval.data import calibration_windows, find_data_dir, wikitext2_test_text
+from gsr_plugin.eval.models import resolve_model
+from gsr_plugin.eval.perplexity import perplexity
+from gsr_plugin.cli.recipes import METHODS, RecipeSetting, recipe_yaml
 
 __all__ = ["CompareSettings", "DEFAULT_METHODS", "compare", "run_settings", "run_key", "markdown_table", "plot"]
 

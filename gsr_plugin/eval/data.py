@@ -49,7 +49,7 @@ class DataNotFoundError(FileNotFoundError):
 
 
 def _candidates() -> list[Path]:
-    project = Path(__file__).resolve().parent.parent
+    project = Path(__file__).resolve().parents[2]
     return [Path("shared/data"), Path("../shared/data"), project.parent / "shared" / "data"]
 
 

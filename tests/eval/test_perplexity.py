@@ -1,4 +1,4 @@
-"""gsr_plugin.perplexity against closed forms and transformers' own loss."""
+"""gsr_plugin.eval.perplexity against closed forms and transformers' own loss."""
 
 import math
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers.modeling_outputs import CausalLMOutput
 
-from gsr_plugin.perplexity import perplexity, stream_windows
+from gsr_plugin.eval.perplexity import perplexity, stream_windows
 
 
 class UniformLM(torch.nn.Module):

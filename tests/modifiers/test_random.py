@@ -1,4 +1,4 @@
-"""gsr_plugin.baselines: random rotations applied with GSR's exact lifecycle."""
+"""gsr_plugin.modifiers.random: random rotations applied with GSR's exact lifecycle."""
 
 import pytest
 import torch
@@ -6,10 +6,9 @@ from compressed_tensors.transform import TransformArgs, TransformFactory, Transf
 from llmcompressor import oneshot
 from pydantic import ValidationError
 
-from conftest import ARCHITECTURES, relative_error
+from conftest import ARCHITECTURES, FLOAT64_MODEL_FLOOR, logits, relative_error
 from gsr_plugin import RandomRotationModifier
-from gsr_plugin.baselines import has_random_hadamard
-from test_modifier import FLOAT64_MODEL_FLOOR, logits
+from gsr_plugin.modifiers.random import has_random_hadamard
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)

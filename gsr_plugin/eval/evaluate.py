@@ -9,9 +9,9 @@ from pathlib import Path
 
 import torch
 
-from gsr_plugin.data import find_data_dir, wikitext2_test_text
-from gsr_plugin.models import resolve_model
-from gsr_plugin.perplexity import perplexity
+from gsr_plugin.eval.data import find_data_dir, wikitext2_test_text
+from gsr_plugin.eval.models import resolve_model
+from gsr_plugin.eval.perplexity import perplexity
 
 __all__ = ["TASKS", "load_model", "evaluate", "zero_shot", "wikitext2_perplexity"]
 
@@ -49,7 +49,7 @@ def zero_shot(
     batch_size: int = 16,
 ) -> dict[str, dict]:
     """Accuracy through lm-evaluation-harness, with task definitions that read the
-    local data directory (``gsr_plugin/lm_eval_tasks``)."""
+    local data directory (``gsr_plugin/eval/lm_eval_tasks``)."""
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
         raise ValueError(f"unknown task(s) {unknown}; available: {', '.join(TASKS)}")

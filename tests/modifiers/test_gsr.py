@@ -16,23 +16,16 @@ from llmcompressor.modifiers.transform import SpinQuantModifier
 from llmcompressor.recipe import Recipe
 from pydantic import ValidationError
 
-from conftest import ARCHITECTURES, relative_error
+from conftest import ARCHITECTURES, FLOAT64_MODEL_FLOOR, logits, relative_error
 from gsr_plugin import GSRModifier
 from gsr_plugin.mappings import NormMapping, SpinQuantMapping
 from test_walsh import sequency_reference, sylvester_reference
 
 
-FLOAT64_MODEL_FLOOR = 1e-6
-
 
 def run_gsr(model, **fields):
     oneshot(model=model, recipe=[GSRModifier(**fields)])
     return model
-
-
-def logits(model, tokens):
-    with torch.no_grad():
-        return model(tokens).logits
 
 
 def weights(model):

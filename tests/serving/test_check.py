@@ -1,4 +1,4 @@
-"""gsr_plugin.serving: what vLLM can run (rules, no vLLM needed), the comparison
+"""gsr_plugin.serving.check: what vLLM can run (rules, no vLLM needed), the comparison
 logic, and real vLLM (its own environment, built or reused by scripts/vllm_env.sh)
 against transformers on small GSR checkpoints made from the default model."""
 
@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from gsr_plugin.cli import main
-from gsr_plugin.serving import (
+from gsr_plugin.cli.main import main
+from gsr_plugin.serving.check import (
     INT4_KERNEL,
     VLLM_CPU_BUILD_MISSING_OPS,
     Tolerance,
@@ -23,7 +23,7 @@ from gsr_plugin.serving import (
     PROMPTS,
     REFERENCES,
 )
-from gsr_plugin.vllm_worker import PROBED_OPS
+from gsr_plugin.serving.vllm_worker import PROBED_OPS
 
 SMOLLM2 = {"hidden_size": 576, "intermediate_size": 1536, "num_attention_heads": 9, "num_key_value_heads": 3, "head_dim": 64}
 
@@ -72,7 +72,7 @@ def test_online_transforms_need_a_gpu(tmp_path):
 
 
 def test_unservable_checkpoint_is_refused_before_vllm_starts(tmp_path, monkeypatch, capsys):
-    import gsr_plugin.serving as serving
+    import gsr_plugin.serving.check as serving
 
     monkeypatch.setattr(serving, "run_vllm", lambda *a, **k: pytest.fail("vLLM started"))
     monkeypatch.setattr(serving, "probe_vllm_kernels", lambda python=None: kernels_of("_C"))
@@ -103,7 +103,7 @@ def test_without_the_int4_kernel_w4a16_is_refused_naming_the_op_and_what_serves(
 
 
 def test_quantize_does_not_claim_vllm_serves_w4a16_without_the_int4_kernel(tmp_path, capsys):
-    from gsr_plugin.cli import _say_servability
+    from gsr_plugin.cli.main import _say_servability
 
     ckpt = checkpoint(tmp_path, W4G64)
     _say_servability(ckpt, kernels_of("_C_AVX2"))
@@ -166,7 +166,7 @@ FALLBACK_CALIBRATION = (
 
 def calibration_data_dir(fallback):
     """The real data directory when there is one, else ``fallback`` laid out like it."""
-    from gsr_plugin.data import find_data_dir
+    from gsr_plugin.eval.data import find_data_dir
 
     found = find_data_dir(None)
     if found is not None and (found / "wikitext2" / "valid.tokens").is_file():
@@ -183,7 +183,7 @@ def small_gsr_checkpoints(default_model_dir, tmp_path_factory):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from gsr_plugin.quantize import quantize
+    from gsr_plugin.cli.quantize import quantize
 
     root = tmp_path_factory.mktemp("serve")
     data_dir = calibration_data_dir(root / "data")
@@ -199,7 +199,7 @@ def small_gsr_checkpoints(default_model_dir, tmp_path_factory):
 
 
 def test_without_a_vllm_environment_kernels_are_predicted(tmp_path, monkeypatch):
-    from gsr_plugin.serving import local_vllm_kernels
+    from gsr_plugin.serving.check import local_vllm_kernels
 
     monkeypatch.delenv("GSR_VLLM_PYTHON", raising=False)
     monkeypatch.setenv("GSR_CACHE_DIR", str(tmp_path))  # nothing built there
@@ -254,7 +254,7 @@ def test_the_avx2_build_really_lacks_the_int4_kernel(small_gsr_checkpoints, simu
 
 
 def test_serve_check_exits_2_on_w4a16_without_the_int4_kernel(small_gsr_checkpoints, simulated_avx2, monkeypatch, capsys):
-    import gsr_plugin.serving as serving
+    import gsr_plugin.serving.check as serving
 
     monkeypatch.setattr(serving, "run_vllm", lambda *a, **k: pytest.fail("vLLM started"))
     code = main(["serve-check", str(small_gsr_checkpoints["gsr_w4a16_g64_gptq"]), "--device", "cpu"])

@@ -62,7 +62,7 @@ REFERENCES = [
     "def add(a, b):\n    return a + b\n\n\nprint(add(2, 3))  # prints 5\n",
 ]
 WORKER = Path(__file__).resolve().parent / "vllm_worker.py"
-ENV_SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "vllm_env.sh"
+ENV_SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "vllm_env.sh"
 
 
 @dataclass(frozen=True)
@@ -210,7 +210,7 @@ def predict_vllm_kernels() -> VllmKernels:
     vLLM makes (``GSR_VLLM_CPU_ISA=avx2`` simulates a processor without AVX-512)."""
     import torch
 
-    from gsr_plugin.vllm_worker import PROBED_OPS
+    from gsr_plugin.serving.vllm_worker import PROBED_OPS
 
     simulated = os.environ.get("GSR_VLLM_CPU_ISA") or None
     avx512 = bool(torch.cpu._is_avx512_supported()) and simulated != "avx2"

@@ -1,4 +1,4 @@
-"""gsr_plugin.quantize: real oneshot on a tiny model, atomic output, refusals."""
+"""gsr_plugin.cli.quantize: real oneshot on a tiny model, atomic output, refusals."""
 
 import json
 
@@ -6,8 +6,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from gsr_plugin.data import DataNotFoundError
-from gsr_plugin.quantize import PROVENANCE_FILE, OutputExistsError, atomic_directory, quantize
+from gsr_plugin.eval.data import DataNotFoundError
+from gsr_plugin.cli.quantize import PROVENANCE_FILE, OutputExistsError, atomic_directory, quantize
 
 
 def leftovers(parent):
@@ -35,7 +35,7 @@ def test_quantize_writes_a_checkpoint_with_recipe_and_provenance(tiny_checkpoint
 def test_existing_output_is_refused_before_any_work(tiny_checkpoints, small_data, tmp_path, monkeypatch):
     (tmp_path / "ckpt").mkdir()
     (tmp_path / "ckpt" / "keep.txt").write_text("mine")
-    import gsr_plugin.quantize as module
+    import gsr_plugin.cli.quantize as module
 
     monkeypatch.setattr(module, "resolve_recipe", lambda r: pytest.fail("work started"))
     with pytest.raises(OutputExistsError, match="--overwrite"):

@@ -1,0 +1,11 @@
+"""llm-compressor modifiers: each chooses a rotation and fuses it through the shared
+lifecycle in ``gsr_plugin.rotation``.
+
+* ``GSRModifier`` (``gsr``): grouped sequency-ordered Walsh blocks (training-free);
+* ``RandomRotationModifier`` (``random``): random orthogonal / random Hadamard baselines.
+"""
+
+from gsr_plugin.modifiers.gsr import GSRModifier, GSRRotation
+from gsr_plugin.modifiers.random import RandomRotationModifier
+
+__all__ = ["GSRModifier", "GSRRotation", "RandomRotationModifier"]
