@@ -5,7 +5,9 @@
 2. online R4: the transform at down_proj's input against down_proj's own matmul, on
    the default model's shapes (2048 tokens x 1536 -> 576);
 3. GSR (R1+R2, data-free) against GPTQ W4A16 g64 on the default model;
-4. peak memory while applying GSR against the model's size.
+4. peak memory while applying GSR against the model's size;
+5. FRTQ (learned R1+R2 with R4, for a W4A4 g64 grid: caching activations + learning +
+   fusing) against GPTQ W4A16 g64, and its peak memory (``--only frtq`` runs this alone).
 
     python benchmarks/cost.py --out docs/results
 """
@@ -123,6 +125,46 @@ def gsr_vs_gptq(calib_samples: int, calib_len: int) -> dict:
     }
 
 
+def frtq_vs_gptq(calib_samples: int, calib_len: int) -> dict:
+    """FRTQ as shipped (frtq_w4a4kv4_g64_asym_r4_gptq's defaults: 100 steps, 256 tokens
+    per input), then GPTQ W4A16 g64 alone, on the same calibration set."""
+    from datasets import Dataset
+    from llmcompressor import oneshot
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from gsr_plugin import FRTQModifier
+    from gsr_plugin.cli.recipes import RecipeSetting, recipe_yaml
+    from gsr_plugin.eval.data import calibration_windows
+    from gsr_plugin.eval.models import resolve_model
+
+    path = resolve_model("default")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    windows = calibration_windows(tokenizer, calib_samples, calib_len)
+    data = Dataset.from_dict({"input_ids": windows.tolist(), "attention_mask": torch.ones_like(windows).tolist()})
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    frtq = FRTQModifier(rotations=["R1", "R2", "R4"], weight_bits=4, weight_group_size=64, weight_symmetric=False,
+                        activation_bits=4)
+    with PeakRSS() as memory:
+        start = time.perf_counter()
+        oneshot(model=model, processor=tokenizer, dataset=data, recipe=[frtq], pipeline="datafree",
+                num_calibration_samples=calib_samples, max_seq_length=calib_len)
+        frtq_seconds = time.perf_counter() - start
+    recipe = recipe_yaml(RecipeSetting("none", 4, 64), 64)
+    start = time.perf_counter()
+    oneshot(model=model, processor=tokenizer, dataset=data, recipe=recipe,
+            num_calibration_samples=calib_samples, max_seq_length=calib_len)
+    gptq_seconds = time.perf_counter() - start
+    return {
+        "frtq_seconds": frtq_seconds, "frtq_learning_seconds": frtq.learned["seconds"],
+        "gptq_seconds": gptq_seconds, "frtq_over_gptq": frtq_seconds / gptq_seconds,
+        "frtq": "R1+R2 learned (100 steps, 256 tokens per input) + R4, for W4 g64 asym / A4",
+        "gptq": f"W4A16 g64, calibration {calib_samples} x {calib_len}",
+        "model_bytes": model_bytes, "frtq_peak_extra_bytes": memory.peak,
+        "frtq_peak_extra_over_model": memory.peak / model_bytes,
+    }
+
+
 def tables(report: dict) -> str:
     lines = [f"Command: `{report['command']}` ({report['threads']} threads)", "",
              "| size | rows | copy ms | dense ms | fast ms | fast / dense | fast / copy |", "|---|---|---|---|---|---|---|"]
@@ -139,6 +181,12 @@ def tables(report: dict) -> str:
                   f"GSR / GPTQ = {g['gsr_over_gptq']:.3f}. Peak extra memory while applying GSR "
                   f"{g['gsr_peak_extra_bytes'] / 2**20:.0f} MiB = {g['gsr_peak_extra_over_model']:.2f} x the "
                   f"model's {g['model_bytes'] / 2**20:.0f} MiB of float32 weights."]
+    f = report.get("frtq_vs_gptq")
+    if f:
+        lines += ["", f"FRTQ ({f['frtq']}) {f['frtq_seconds']:.1f} s, of which learning {f['frtq_learning_seconds']:.1f} s; "
+                  f"GPTQ ({f['gptq']}) {f['gptq_seconds']:.1f} s: FRTQ / GPTQ = {f['frtq_over_gptq']:.3f}. Peak extra "
+                  f"memory while applying FRTQ {f['frtq_peak_extra_bytes'] / 2**20:.0f} MiB = "
+                  f"{f['frtq_peak_extra_over_model']:.2f} x the model's float32 weights."]
     return "\n".join(lines) + "\n"
 
 
@@ -148,12 +196,21 @@ if __name__ == "__main__":
     parser.add_argument("--calib-samples", type=int, default=128)
     parser.add_argument("--calib-len", type=int, default=512)
     parser.add_argument("--skip-model", action="store_true", help="only the transform timings")
+    parser.add_argument("--only", choices=["frtq"], default=None, help="run this part alone (kept with the others in cost.json)")
     args = parser.parse_args()
-    report = {"command": "python benchmarks/cost.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
-              "threads": torch.get_num_threads(), "transform": transform_speed(), "online_r4": online_r4_overhead()}
-    if not args.skip_model:
-        report["gsr_vs_gptq"] = gsr_vs_gptq(args.calib_samples, args.calib_len)
     out = Path(args.out)
+    command = "python benchmarks/cost.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    if args.only == "frtq":
+        report = json.loads((out / "cost.json").read_text()) if (out / "cost.json").is_file() else {}
+        report["frtq_vs_gptq"] = {**frtq_vs_gptq(args.calib_samples, args.calib_len), "command": command}
+        report.setdefault("command", command)
+        report.setdefault("threads", torch.get_num_threads())
+    else:
+        report = {"command": command, "threads": torch.get_num_threads(), "transform": transform_speed(),
+                  "online_r4": online_r4_overhead()}
+        if not args.skip_model:
+            report["gsr_vs_gptq"] = gsr_vs_gptq(args.calib_samples, args.calib_len)
+            report["frtq_vs_gptq"] = frtq_vs_gptq(args.calib_samples, args.calib_len)
     out.mkdir(parents=True, exist_ok=True)
     (out / "cost.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "cost.md").write_text(tables(report))

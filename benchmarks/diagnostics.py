@@ -1,14 +1,10 @@
 """Why one rotation quantizes better than another, per layer type of the default model.
 
-For each rotation (applied exactly, as in benchmarks/rotations.py):
-
-* weight error: ``||W - RTN(W)||_F / ||W||_F`` of every linear (lm_head excluded) with
-  round-to-nearest asymmetric integer quantization: 3-bit in groups of 64 and of 32,
-  4-bit per output channel;
-* grid-to-standard-deviation ratio of every linear's *input*: for int4 symmetric
-  dynamic per-token quantization, ``step / std`` with ``step = max|x_t| / 7`` and
-  ``std`` the token's standard deviation, averaged over tokens (lower: finer grid
-  relative to the signal, smaller error); measured on WikiText-2 validation windows.
+For each rotation (applied exactly), with ``gsr_plugin.eval.diagnostics.measure`` (the
+measurement behind `gsr diagnose`): the grid-to-std ratio of every linear's input at
+int4 per token, and of its weight groups with their round-to-nearest error, at
+3-bit asymmetric groups of 64. FRTQ learns for that same grid (W3 g64 asym, A4) on 32
+calibration windows.
 
     python benchmarks/diagnostics.py --out docs/results
 """
@@ -19,73 +15,31 @@ import argparse
 import json
 import shlex
 import sys
-from collections import defaultdict
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
+from gsr_plugin.eval.diagnostics import LAYER_TYPES, measure
+from gsr_plugin.learn.frtq import Grid
+
+GRID = Grid(3, False, 64)
+ACT_BITS = 4
+FRTQ_GRID = {"weight_bits": 3, "weight_group_size": 64, "weight_symmetric": False, "activation_bits": ACT_BITS}
 ROTATIONS = {
     "none": None,
     "random_orthogonal": ("RandomRotationModifier", {"kind": "orthogonal"}),
     "natural": ("GSRModifier", {"ordering": "natural"}),
-    "natural_random": ("GSRModifier", {"ordering": "natural", "randomize": True}),
     "gsr": ("GSRModifier", {}),
-    "gsr_random": ("GSRModifier", {"randomize": True}),
+    "frtq": ("FRTQModifier", FRTQ_GRID),
+    "frtq_random": ("FRTQModifier", {**FRTQ_GRID, "init": "random"}),
 }
-WEIGHT_SETTINGS = {"W3 g64": (3, 64), "W3 g32": (3, 32), "W4 per-channel": (4, None)}
-LAYER_TYPES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-def rtn_relative_error(weight: torch.Tensor, bits: int, group: int | None) -> float:
-    """Round-to-nearest, asymmetric min-max per group (or per row), relative Frobenius."""
-    w = weight.double()
-    rows = w.reshape(w.shape[0], -1, group) if group else w.reshape(w.shape[0], 1, -1)
-    low, high = rows.amin(-1, keepdim=True), rows.amax(-1, keepdim=True)
-    scale = ((high - low) / (2**bits - 1)).clamp_min(1e-12)
-    zero = torch.round(-low / scale)
-    q = torch.clamp(torch.round(rows / scale) + zero, 0, 2**bits - 1)
-    deq = ((q - zero) * scale).reshape(w.shape)
-    return (torch.linalg.norm(w - deq) / torch.linalg.norm(w)).item()
-
-
-def grid_to_std(x: torch.Tensor, bits: int = 4) -> torch.Tensor:
-    """Per token: (max|x| / (2^(b-1) - 1)) / std(x), for symmetric per-token quantization."""
-    x = x.reshape(-1, x.shape[-1]).double()
-    step = x.abs().amax(-1) / (2 ** (bits - 1) - 1)
-    return step / x.std(-1).clamp_min(1e-12)
-
-
-def layer_type(name: str) -> str | None:
-    return next((t for t in LAYER_TYPES if name.endswith(t)), None)
-
-
-def diagnose(model, windows: torch.Tensor) -> dict:
-    weights: dict = defaultdict(lambda: defaultdict(list))
-    ratios: dict = defaultdict(list)
-    hooks = []
-    for name, module in model.named_modules():
-        kind = layer_type(name)
-        if kind and isinstance(module, torch.nn.Linear):
-            for label, (bits, group) in WEIGHT_SETTINGS.items():
-                weights[label][kind].append(rtn_relative_error(module.weight.detach(), bits, group))
-            hooks.append(module.register_forward_pre_hook(
-                lambda m, args, kind=kind: ratios[kind].append(grid_to_std(args[0].detach()).mean().item())
-            ))
-    with torch.no_grad():
-        for window in windows:
-            model(window[None])
-    for hook in hooks:
-        hook.remove()
-    mean = lambda values: sum(values) / len(values)  # noqa: E731
-    return {
-        "weight_error": {label: {k: mean(v) for k, v in per.items()} for label, per in weights.items()},
-        "input_grid_to_std_a4": {k: mean(v) for k, v in ratios.items()},
-    }
+KEYS = {"input_rho": "input grid/std (A4)", "weight_rho": "weight grid/std (W3 g64)", "weight_error": "weight RTN error (W3 g64)"}
 
 
 def run(args) -> dict:
     import gsr_plugin
+    from datasets import Dataset
     from llmcompressor import oneshot
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -95,6 +49,8 @@ def run(args) -> dict:
     path = resolve_model(args.model)
     tokenizer = AutoTokenizer.from_pretrained(path)
     windows = calibration_windows(tokenizer, args.samples, args.seq_len, seed=1, data_dir=args.data_dir)
+    calib = calibration_windows(tokenizer, 32, args.seq_len, seed=0, data_dir=args.data_dir)
+    dataset = Dataset.from_dict({"input_ids": calib.tolist(), "attention_mask": torch.ones_like(calib).tolist()})
     report = {
         "command": "python benchmarks/diagnostics.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
         "inputs": f"{args.samples} x {args.seq_len} tokens of WikiText-2 validation (seed 1)",
@@ -104,8 +60,9 @@ def run(args) -> dict:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
         if spec is not None:
             cls, fields = spec
-            oneshot(model=model, recipe=[getattr(gsr_plugin, cls)(**fields)])
-        report["rotations"][name] = diagnose(model, windows)
+            oneshot(model=model, recipe=[getattr(gsr_plugin, cls)(**fields)], dataset=dataset, processor=tokenizer,
+                    num_calibration_samples=32, max_seq_length=args.seq_len, pipeline="datafree")
+        report["rotations"][name] = measure(model, windows, GRID, ACT_BITS)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "diagnostics.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -117,19 +74,14 @@ def run(args) -> dict:
 def tables(report: dict) -> str:
     names = list(report["rotations"])
     parts = [f"Inputs: {report['inputs']}. Command: `{report['command']}`", ""]
-    for label in WEIGHT_SETTINGS:
-        parts += [f"Weight RTN error, {label} (relative Frobenius, mean over layers):", "",
-                  "| rotation | " + " | ".join(LAYER_TYPES) + " |", "|---|" + "---|" * len(LAYER_TYPES)]
+    for key, title in KEYS.items():
+        parts += [f"{title}, mean over layers:", "", "| rotation | " + " | ".join(LAYER_TYPES) + " |",
+                  "|---|" + "---|" * len(LAYER_TYPES)]
         for n in names:
-            row = report["rotations"][n]["weight_error"][label]
+            row = report["rotations"][n][key]
             parts.append(f"| {n} | " + " | ".join(f"{row[t]:.4f}" for t in LAYER_TYPES) + " |")
         parts.append("")
-    parts += ["Input grid-to-std ratio for int4 per-token activations (mean over layers and tokens):", "",
-              "| rotation | " + " | ".join(LAYER_TYPES) + " |", "|---|" + "---|" * len(LAYER_TYPES)]
-    for n in names:
-        row = report["rotations"][n]["input_grid_to_std_a4"]
-        parts.append(f"| {n} | " + " | ".join(f"{row[t]:.3f}" for t in LAYER_TYPES) + " |")
-    return "\n".join(parts) + "\n"
+    return "\n".join(parts)
 
 
 def plot(report: dict, path: Path) -> None:
@@ -139,26 +91,13 @@ def plot(report: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     names = list(report["rotations"])
-    panels = [("W3 g64", "weight_error"), ("W3 g32", "weight_error"), ("W4 per-channel", "weight_error"),
-              ("input grid/std (A4)", "input_grid_to_std_a4")]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), dpi=110)
+    fig, axes = plt.subplots(1, len(KEYS), figsize=(4.4 * len(KEYS), 3.6), dpi=110)
     width = 0.8 / len(names)
-    for ax, (label, key) in zip(axes, panels):
-        lowest = 1.0
+    for ax, (key, title) in zip(axes, KEYS.items()):
         for i, n in enumerate(names):
-            data = report["rotations"][n][key]
-            if key == "weight_error":  # relative to no rotation: differences are a few %
-                base = report["rotations"]["none"][key][label]
-                values = [data[label][t] / base[t] for t in LAYER_TYPES]
-                lowest = min(lowest, *values)
-            else:
-                values = [data[t] for t in LAYER_TYPES]
+            values = [report["rotations"][n][key][t] for t in LAYER_TYPES]
             ax.bar([j + i * width for j in range(len(LAYER_TYPES))], values, width, label=n)
-        if key == "weight_error":
-            ax.set_ylim(lowest - 0.01, 1.01)
-            ax.set_title(f"weight RTN error / no rotation, {label}", fontsize=9)
-        else:
-            ax.set_title(label, fontsize=9)
+        ax.set_title(title, fontsize=9)
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(LAYER_TYPES))],
                       [t.replace("_proj", "") for t in LAYER_TYPES], fontsize=8)
     axes[0].legend(fontsize=7)

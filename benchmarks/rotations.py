@@ -9,6 +9,8 @@ suite); ``tables`` turns them into Markdown and plots.
     python benchmarks/rotations.py blocks --out docs/results        # block size, group 64 and 32
     python benchmarks/rotations.py activations --out docs/results   # W4A8, W4A4 (R1+R2)
     python benchmarks/rotations.py online --out docs/results        # W4A4, W2A4, KV4 with R4
+    python benchmarks/rotations.py frtq --out docs/results          # FRTQ at W3A16 g64, full test stream
+    python benchmarks/rotations.py frtq_more --out docs/results     # FRTQ at W4A4KV4, W4A4 (R4), W4 per-channel
     python benchmarks/rotations.py tables --out docs/results
 
 Suites list their runs in priority order; ``--limit N`` runs the first N.
@@ -100,9 +102,30 @@ def online_suite() -> list[RecipeSetting]:
     return out
 
 
+FRTQ_METHODS = ["frtq", "gsr", "none", "natural", "frtq_random", "frtq_gsr"]
+
+
+def frtq_suite() -> list[RecipeSetting]:
+    """FRTQ (learned R1/R2, learning for the grid of the GPTQ modifier that follows)
+    against the training-free rotations at W3A16 g64, the ``main`` setting (full test
+    stream)."""
+    return [RecipeSetting(m, 3, 64, symmetric=False) for m in FRTQ_METHODS]
+
+
+def frtq_more_suite() -> list[RecipeSetting]:
+    """The same rotations at W4A4 with a 4-bit KV cache and the online R4, W4A4 with
+    R4 alone, and W4A16 per channel (20 windows)."""
+    w4a4 = dict(symmetric=False, activation_bits=4, online_r4=True)
+    return (
+        [RecipeSetting(m, 4, 64, kv_bits=4, **w4a4) for m in FRTQ_METHODS]
+        + [RecipeSetting(m, 4, 64, **w4a4) for m in FRTQ_METHODS]
+        + [RecipeSetting(m, 4, None, symmetric=False) for m in FRTQ_METHODS]
+    )
+
+
 SUITES = {"main": main_suite, "online": online_suite, "bits": bits_suite, "blocks": blocks_suite,
-          "activations": activations_suite}
-WINDOWS = {"main": None, "online": 20, "bits": 20, "blocks": 20, "activations": 20}
+          "activations": activations_suite, "frtq": frtq_suite, "frtq_more": frtq_more_suite}
+WINDOWS = {"main": None, "online": 20, "bits": 20, "blocks": 20, "activations": 20, "frtq": None, "frtq_more": 20}
 
 
 def run(suite: str, args) -> None:

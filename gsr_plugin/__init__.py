@@ -14,11 +14,12 @@ if os.path.basename(sys.argv[0]) == "gsr" and not {"-v", "--verbose"} & set(sys.
     # warning to stdout while it is imported, before the CLI can configure logging
     os.environ.setdefault("LLM_COMPRESSOR_LOG_LEVEL", "ERROR")
 
-from gsr_plugin.modifiers.random import RandomRotationModifier  # noqa: E402
+from gsr_plugin.modifiers.frtq import FRTQModifier  # noqa: E402
 from gsr_plugin.modifiers.gsr import GSRModifier, GSRRotation  # noqa: E402
+from gsr_plugin.modifiers.random import RandomRotationModifier  # noqa: E402
 from gsr_plugin.transform import NATURAL_WALSH, SEQUENCY_WALSH, register_transform_types  # noqa: E402
 
-__all__ = ["GSRModifier", "GSRRotation", "RandomRotationModifier", "SEQUENCY_WALSH", "NATURAL_WALSH", "register"]
+__all__ = ["GSRModifier", "GSRRotation", "FRTQModifier", "RandomRotationModifier", "SEQUENCY_WALSH", "NATURAL_WALSH", "register"]
 __version__ = "0.1.0"
 
 
@@ -29,6 +30,7 @@ def register() -> None:
     register_transform_types()
     ModifierFactory.register("GSRModifier", GSRModifier)
     ModifierFactory.register("RandomRotationModifier", RandomRotationModifier)
+    ModifierFactory.register("FRTQModifier", FRTQModifier)
 
 
 register()

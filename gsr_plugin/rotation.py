@@ -68,6 +68,7 @@ class FusedRotationModifier(Modifier, use_enum_values=True):
     - on_calibration_start
         - untie word embeddings (the final norm is fused into lm_head only)
         - fuse RMSNorm scales into the following linears (skipped where already ones)
+        - ``_prepare_fusion``: nothing here; a learned rotation learns its matrices
         - fuse the offline transforms into the weights in float64, attach the
           online ones as hooks (float32, or the input's dtype if wider), record them
           in ``model.transform_config`` (merged with any earlier one)
@@ -98,6 +99,7 @@ class FusedRotationModifier(Modifier, use_enum_values=True):
     norm_mappings: list[NormMapping] | None = Field(default=None)
 
     _transform_config: TransformConfig | None = PrivateAttr(default=None)
+    _mapping: SpinQuantMapping | None = PrivateAttr(default=None)
     _norms: list[NormMapping] = PrivateAttr(default_factory=list)
 
     @field_validator("rotations", mode="before")
@@ -137,6 +139,15 @@ class FusedRotationModifier(Modifier, use_enum_values=True):
     def describe(self) -> str:
         return f"{type(self).__name__} {'+'.join(self.rotations)} (block {self.block_size})"
 
+    def _prepare_fusion(self, model: torch.nn.Module) -> None:
+        """Called after the norms are fused and before any rotation: a modifier that
+        learns its matrices from the model (FRTQ) does it here."""
+
+    def _factory(self, name: str, scheme: TransformScheme, index: int) -> TransformFactory:
+        """The factory that applies rotation group ``name`` (the i-th group is seeded
+        with ``seed + i``)."""
+        return TransformFactory.from_scheme(scheme, name=name, seed=self.seed + index)
+
     # ------------------------------------------------------------------ lifecycle
 
     def on_initialize(self, state: State, **kwargs) -> bool:
@@ -144,6 +155,7 @@ class FusedRotationModifier(Modifier, use_enum_values=True):
         self._check_recipe_order()
         _check_not_quantized(model, type(self).__name__)
         mapping, self._norms = resolve_mappings(model, self.mappings, self.norm_mappings)
+        self._mapping = mapping
         head_dim = head_dim_of(model.config)
         if self.block_size is None:
             self.block_size = self._default_block_size(model.config)
@@ -174,9 +186,9 @@ class FusedRotationModifier(Modifier, use_enum_values=True):
             if getattr(model.config, "tie_word_embeddings", False):
                 untie_word_embeddings(model)
             self._fuse_norms(model)
+        self._prepare_fusion(model)
         for index, (name, scheme) in enumerate(self._transform_config.config_groups.items()):
-            factory = TransformFactory.from_scheme(scheme, name=name, seed=self.seed + index)
-            factory.apply_to_model(model)
+            self._factory(name, scheme, index).apply_to_model(model)
         # online transforms share one weight per size: declare the ties for save_pretrained
         _register_tied_transform_weights(model)
         _record_transform_config(model, self._transform_config)

@@ -2,8 +2,10 @@
 
 Registered in compressed-tensors' ``TransformFactory`` registry on import:
 ``sequency-walsh`` (the GSR block), ``natural-walsh`` (Sylvester order, for ablations),
-``sequency-permutation`` (the sequency row map alone, to fold it into a weight) and
-``random-orthogonal`` (the full-width random rotation baseline).
+``sequency-permutation`` (the sequency row map alone, to fold it into a weight),
+``random-orthogonal`` (the full-width random rotation baseline) and
+``learned-orthogonal`` (FRTQ's learned matrices, fused from the modifier that learned
+them).
 
 For the Walsh types, a scheme's ``head_dim`` is the block size k: the rotation is block-diagonal
 with identical k x k blocks ``M = D W / sqrt(k)``, ``W`` the +-1 Walsh matrix in the
@@ -34,6 +36,7 @@ from compressed_tensors.utils import get_execution_device, get_offloaded_device
 from torch import Tensor
 from torch.nn import Module, Parameter
 
+from gsr_plugin.learn.orthogonal import rotate_inputs
 from gsr_plugin.walsh import Ordering, grouped_walsh_transform, random_signs, sequency_permutation, walsh_matrix
 
 __all__ = [
@@ -41,6 +44,10 @@ __all__ = [
     "NATURAL_WALSH",
     "RANDOM_ORTHOGONAL",
     "SEQUENCY_PERMUTATION",
+    "LEARNED_ORTHOGONAL",
+    "LearnedRotationFactory",
+    "BlockMatrixTransform",
+    "fuse_into_weight",
     "SequencyPermutationFactory",
     "RandomOrthogonalFactory",
     "TRANSFORM_TYPES",
@@ -55,6 +62,7 @@ SEQUENCY_WALSH = "sequency-walsh"
 NATURAL_WALSH = "natural-walsh"
 RANDOM_ORTHOGONAL = "random-orthogonal"
 SEQUENCY_PERMUTATION = "sequency-permutation"
+LEARNED_ORTHOGONAL = "learned-orthogonal"
 TRANSFORM_TYPES: dict[str, Ordering] = {SEQUENCY_WALSH: "sequency", NATURAL_WALSH: "natural"}
 
 
@@ -113,6 +121,46 @@ class NaturalWalshFactory(WalshFactory):
 _FUSE_CHUNK_ELEMENTS = 1 << 22  # 32 MB of float64 per slice when fusing into a weight
 
 
+def fuse_into_weight(value: Tensor, args: TransformArgs, module_type: type[Module], right_multiply) -> Tensor:
+    """A weight with ``T`` fused where ``args.location`` says, in float64 slices.
+
+    ``right_multiply(rows, transpose)`` returns ``rows @ M`` (``rows @ M.T`` when
+    ``transpose``) on the last dim; with ``T = M`` (``M.T`` when ``args.inverse``) the
+    result equals compressed-tensors' ``apply_transform_weight(T, value, location,
+    module_type)``:
+
+    =====================  ========================  ==============================
+    location               Linear                    Embedding
+    =====================  ========================  ==============================
+    weight_input           ``value @ T.T``           ``T @ value``
+    weight_output          ``T.T @ value``           ``value @ T``
+    =====================  ========================  ==============================
+    """
+    location, inverse = TransformLocation(args.location), bool(args.inverse)
+    # "rows": the result is value @ (T or T.T) row by row; otherwise column by column
+    if module_type is torch.nn.Linear:  # W @ T.T (weight_input), T.T @ W (weight_output)
+        along_rows = location == TransformLocation.WEIGHT_INPUT
+        transpose = (not inverse) if along_rows else inverse
+    elif module_type is torch.nn.Embedding:  # E @ T (weight_output), T @ E (weight_input)
+        along_rows = location == TransformLocation.WEIGHT_OUTPUT
+        transpose = inverse if along_rows else (not inverse)
+    else:
+        raise NotImplementedError(
+            f"cannot transform the weight of {module_type.__name__} at {location.value}; "
+            "target Linear or Embedding modules"
+        )
+    rows = value if along_rows else value.T
+    out = torch.empty(rows.shape, dtype=value.dtype, device=value.device)
+    # fused in float64, a slice of rows at a time: the float64 copies of a large
+    # weight (a 49152 x 576 embedding is 226 MB in float64) never exist whole
+    step = max(1, _FUSE_CHUNK_ELEMENTS // rows.shape[-1])
+    for start in range(0, rows.shape[0], step):
+        chunk = rows[start : start + step].to(torch.float64)
+        out[start : start + step] = right_multiply(chunk, transpose).to(value.dtype)
+    # contiguous: offload caches (disk) serialize the result as it is
+    return out if along_rows else out.T.contiguous()
+
+
 class GroupedWalshTransform(TransformBase):
     """Applies ``blockdiag(M, ..., M)`` (``M = weight / sqrt(k)``) where
     ``TransformArgs.location`` says, with the fast transform for large blocks.
@@ -165,34 +213,11 @@ class GroupedWalshTransform(TransformBase):
 
     def forward(self, value: Tensor) -> Tensor:
         location = TransformLocation(self.args.location)
-        inverse = bool(self.args.inverse)
         if location.is_online():
             # the scheme's precision, or the input's if that is wider (float64 stays float64)
             dtype = torch.promote_types(self.scheme.precision, value.dtype)
-            return self._right_multiply(value.to(dtype), transpose=inverse).to(value.dtype)
-        # "rows": the result is value @ (T or T.T) row by row; otherwise column by column
-        if self.module_type is torch.nn.Linear:  # W @ T.T (weight_input), T.T @ W (weight_output)
-            along_rows = location == TransformLocation.WEIGHT_INPUT
-            transpose = (not inverse) if along_rows else inverse
-        elif self.module_type is torch.nn.Embedding:  # E @ T (weight_output), T @ E (weight_input)
-            along_rows = location == TransformLocation.WEIGHT_OUTPUT
-            transpose = inverse if along_rows else (not inverse)
-        else:
-            raise NotImplementedError(
-                f"{type(self).__name__} cannot transform the weight of "
-                f"{self.module_type.__name__} at {location.value}; target Linear or "
-                "Embedding modules"
-            )
-        rows = value if along_rows else value.T
-        out = torch.empty(rows.shape, dtype=value.dtype, device=value.device)
-        # fused in float64, a slice of rows at a time: the float64 copies of a large
-        # weight (a 49152 x 576 embedding is 226 MB in float64) never exist whole
-        step = max(1, _FUSE_CHUNK_ELEMENTS // rows.shape[-1])
-        for start in range(0, rows.shape[0], step):
-            chunk = rows[start : start + step].to(torch.float64)
-            out[start : start + step] = self._right_multiply(chunk, transpose=transpose).to(value.dtype)
-        # contiguous: offload caches (disk) serialize the result as it is
-        return out if along_rows else out.T.contiguous()
+            return self._right_multiply(value.to(dtype), transpose=bool(self.args.inverse)).to(value.dtype)
+        return fuse_into_weight(value, self.args, self.module_type, self._right_multiply)
 
     def __repr__(self) -> str:
         return (
@@ -251,6 +276,75 @@ class SequencyPermutationTransform(TransformBase):
         return (out.T if along_rows else out).contiguous()
 
 
+
+class LearnedRotationFactory(TransformFactory):
+    """Fuses learned orthogonal matrices (FRTQ) into the weights, offline only.
+
+    ``blocks`` is one ``(m, k, k)`` stack for every target (R1: ``blockdiag(Q_1..Q_m)``
+    of the residual stream), or a dict from a parent module's name to its stack (R2:
+    one ``(1, k, k)`` per attention module, applied to every head of its v_proj and
+    o_proj). A stack of one block is repeated over the transformed size. The matrices
+    come from the modifier that learned them (or their saved file), never from the
+    type name alone: a checkpoint's ``learned-orthogonal`` entry is a record of what
+    was fused, and ``from_scheme`` on it is refused.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        scheme: TransformScheme,
+        seed: int | None = None,
+        blocks: Tensor | dict[str, Tensor] | None = None,
+    ):
+        if blocks is None:
+            raise ValueError(
+                f"{LEARNED_ORTHOGONAL} transforms are fused offline from learned matrices; "
+                "re-apply them with FRTQModifier(rotations_from=DIR) on the checkpoint they "
+                "came from (frtq/rotations.safetensors)"
+            )
+        super().__init__(name, scheme, seed)
+        self.blocks = blocks
+        self._names: dict[int, str] = {}
+
+    def apply_to_model(self, model: Module, use_tqdm=True):
+        self._names = {id(module): name for name, module in model.named_modules()}
+        super().apply_to_model(model, use_tqdm)
+
+    def create_transform(self, module: Module, args: TransformArgs) -> "BlockMatrixTransform":
+        if args.is_online():
+            raise NotImplementedError(f"{LEARNED_ORTHOGONAL} is fused into weights only, not applied at {args.location}")
+        blocks = self.blocks
+        if isinstance(blocks, dict):
+            parent = self._names[id(module)].rsplit(".", 1)[0]
+            if parent not in blocks:
+                raise KeyError(f"no learned {self.name} matrix for {parent}")
+            blocks = blocks[parent]
+        return BlockMatrixTransform(blocks, args, type(module))
+
+
+class BlockMatrixTransform(TransformBase):
+    """Applies ``blockdiag(Q_1, ..., Q_m)`` (given blocks, float64) to a weight where
+    ``TransformArgs.location`` says, as ``GroupedWalshTransform`` does."""
+
+    def __init__(self, blocks: Tensor, args: TransformArgs, module_type: type[Module]):
+        super().__init__()
+        self.register_buffer("blocks", blocks.to(torch.float64), persistent=False)
+        self.args = args
+        self.module_type = module_type
+
+    def _right_multiply(self, value: Tensor, transpose: bool) -> Tensor:
+        blocks = self.blocks.to(value.device)
+        k = blocks.shape[-1]
+        if blocks.shape[0] == 1:  # one matrix for every block (R2: every head)
+            blocks = blocks.expand(value.shape[-1] // k, k, k)
+        if blocks.shape[0] * k != value.shape[-1]:
+            raise ValueError(f"learned blocks {tuple(self.blocks.shape)} do not fit size {value.shape[-1]}")
+        return rotate_inputs(value, blocks.transpose(-1, -2) if transpose else blocks)
+
+    def forward(self, value: Tensor) -> Tensor:
+        return fuse_into_weight(value, self.args, self.module_type, self._right_multiply)
+
+
 def register_transform_types() -> None:
     """Register the Walsh types in compressed-tensors' ``TransformFactory`` registry.
 
@@ -281,4 +375,5 @@ _FACTORIES: dict[str, type[TransformFactory]] = {
     NATURAL_WALSH: NaturalWalshFactory,
     RANDOM_ORTHOGONAL: RandomOrthogonalFactory,
     SEQUENCY_PERMUTATION: SequencyPermutationFactory,
+    LEARNED_ORTHOGONAL: LearnedRotationFactory,
 }

@@ -4,6 +4,7 @@
     gsr eval default out/smollm2-gsr-w4a16 --ppl-windows 10 --tasks piqa
     gsr compare --model default --bits 2,3,4 --out docs/compare
     gsr serve-check out/smollm2-gsr-w4a16
+    gsr diagnose default --recipe frtq_w4a4kv4_g64_asym_r4_gptq
     gsr recipes
 """
 
@@ -114,6 +115,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", choices=["cpu", "cuda"], default=None, help="vLLM's platform (default: cuda if available)")
     s.add_argument("--vllm-python", default=None, help="python of an environment with vLLM (default: scripts/vllm_env.sh)")
     s.add_argument("--json", default=None, help="write the report to this file")
+
+    d = commands.add_parser("diagnose", help="grid-to-std ratios and weight errors per layer type, before/after a recipe's rotations")
+    d.add_argument("model", metavar="MODEL", help="hub id, local directory, or 'default'")
+    d.add_argument("--recipe", default=None, help="YAML file or shipped recipe: its rotations (and its grid) are measured")
+    d.add_argument("--samples", type=int, default=4, help="WikiText-2 validation windows measured (default 4)")
+    d.add_argument("--seq-len", type=int, default=512)
+    d.add_argument("--calib-samples", type=int, default=32, help="calibration windows for learned rotations (default 32)")
+    d.add_argument("--weight-bits", type=int, default=4, help="weight grid where the recipe has none (default 4)")
+    d.add_argument("--group-size", type=_group, default=64, help="weight group where the recipe has none, or 'channel'")
+    d.add_argument("--symmetric", action="store_true", help="symmetric weights where the recipe has no grid")
+    d.add_argument("--act-bits", type=int, default=4, help="activation bits where the recipe has none (default 4)")
+    d.add_argument("--out", default=None, help="write diagnose.md, diagnose.json, diagnose.png here")
+    _add_data(d)
 
     r = commands.add_parser("recipes", help="list the shipped recipes")
     r.add_argument("--methods", action="store_true", help="list the rotation methods instead")
@@ -240,6 +254,27 @@ def cmd_serve_check(args) -> int:
     return 0 if report.ok else 1
 
 
+def cmd_diagnose(args) -> int:
+    from gsr_plugin.eval.diagnostics import diagnose, tables, write
+    from gsr_plugin.learn.frtq import Grid
+
+    _say(f"diagnosing {args.model}" + (f" with the rotations of {args.recipe}" if args.recipe else ""))
+    report = diagnose(
+        args.model,
+        args.recipe,
+        samples=args.samples,
+        seq_len=args.seq_len,
+        data_dir=args.data_dir,
+        weight_grid=Grid(args.weight_bits, args.symmetric, args.group_size),
+        activation_bits=args.act_bits,
+        calib_samples=args.calib_samples,
+    )
+    print(tables(report))
+    if args.out:
+        _say(f"wrote {write(report, args.out)}/diagnose.md, diagnose.json, diagnose.png")
+    return 0
+
+
 def _default_device() -> str:
     import torch
 
@@ -267,6 +302,7 @@ def main(argv: list[str] | None = None) -> int:
         "eval": cmd_eval,
         "compare": cmd_compare,
         "serve-check": cmd_serve_check,
+        "diagnose": cmd_diagnose,
         "recipes": cmd_recipes,
     }[args.command]
     try:

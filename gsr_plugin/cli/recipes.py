@@ -39,6 +39,9 @@ METHODS: dict[str, str] = {
     "gsr": "GSR: grouped sequency-ordered Walsh blocks (GSRModifier)",
     "gsr_random": "GSR with seeded random signs on each block's rows",
     "spinquant_gsr": "llm-compressor SpinQuant (hadamard) first, then GSR on top",
+    "frtq": "FRTQ: learned R1/R2 minimizing the grid-to-std ratio, GSR-initialized (FRTQModifier)",
+    "frtq_random": "FRTQ from a random orthogonal initialization (FRTQModifier init random)",
+    "frtq_gsr": "FRTQ (GSR-initialized) first, then GSR on top",
 }
 
 
@@ -118,6 +121,9 @@ def _rotation_modifiers(setting: RecipeSetting) -> dict:
             "SpinQuantModifier": spin("hadamard"),
             "GSRModifier": {**ours, "rotations": ["R1", "R2"]},
         },
+        "frtq": {"FRTQModifier": ours},
+        "frtq_random": {"FRTQModifier": {**ours, "init": "random"}},
+        "frtq_gsr": {"FRTQModifier": ours, "GSRModifier": {**ours, "rotations": ["R1", "R2"]}},
     }[setting.method]
 
 
@@ -180,6 +186,13 @@ def shipped_settings() -> list[RecipeSetting]:
     for method in ("none", "hadamard", "random_hadamard", "gsr", "gsr_random"):
         for bits in (2, 3, 4):
             settings.append(RecipeSetting(method, bits, 64, symmetric=False))
+    settings += [  # FRTQ: learned rotations (docs/results.md)
+        RecipeSetting("frtq", 4, 64),  # serves: vLLM WNA16, as gsr_w4a16_g64_gptq
+        RecipeSetting("frtq", 3, 64, symmetric=False),
+        RecipeSetting("frtq", 4, None, symmetric=False),
+        RecipeSetting("frtq", 4, 64, symmetric=False, activation_bits=4, online_r4=True, kv_bits=4),
+        RecipeSetting("frtq", 4, 64, symmetric=False, activation_bits=4, online_r4=True),
+    ]
     return list(dict.fromkeys(settings))
 
 

@@ -2,10 +2,12 @@
 lifecycle in ``gsr_plugin.rotation``.
 
 * ``GSRModifier`` (``gsr``): grouped sequency-ordered Walsh blocks (training-free);
+* ``FRTQModifier`` (``frtq``): learned R1/R2 minimizing the grid-to-std ratio;
 * ``RandomRotationModifier`` (``random``): random orthogonal / random Hadamard baselines.
 """
 
+from gsr_plugin.modifiers.frtq import FRTQModifier
 from gsr_plugin.modifiers.gsr import GSRModifier, GSRRotation
 from gsr_plugin.modifiers.random import RandomRotationModifier
 
-__all__ = ["GSRModifier", "GSRRotation", "RandomRotationModifier"]
+__all__ = ["FRTQModifier", "GSRModifier", "GSRRotation", "RandomRotationModifier"]

@@ -10,12 +10,12 @@ from gsr_plugin.cli.compare import CompareSettings, compare, markdown_table, plo
 
 def test_compare_runs_every_method_and_bit_width(tiny_checkpoints, small_data, tmp_path):
     settings = CompareSettings(
-        model=str(tiny_checkpoints["llama"]), bits=[3, 4], methods=["none", "hadamard", "gsr"],
+        model=str(tiny_checkpoints["llama"]), bits=[3, 4], methods=["none", "hadamard", "gsr", "frtq"],
         group_size=32, calib_samples=2, calib_len=32, ppl_windows=1, data_dir=str(small_data),
     )
     report = compare(settings, tmp_path, command="gsr compare (test)")
     assert [(r["method"], r["bits"]) for r in report["runs"]] == [
-        ("none", 3), ("hadamard", 3), ("gsr", 3), ("none", 4), ("hadamard", 4), ("gsr", 4)
+        ("none", 3), ("hadamard", 3), ("gsr", 3), ("frtq", 3), ("none", 4), ("hadamard", 4), ("gsr", 4), ("frtq", 4)
     ]
     assert all(math.isfinite(r["ppl"]) and r["ppl"] > 1 for r in report["runs"])
     assert report["runs"][0]["recipe"] == "none_w3a16_g32_asym_gptq"

@@ -179,7 +179,8 @@ def calibration_data_dir(fallback):
 @pytest.fixture(scope="module")
 def small_gsr_checkpoints(default_model_dir, tmp_path_factory):
     """The default model cut to 2 layers (real weights: confident predictions), then
-    GSR + GPTQ W4A16 g64 and GSR + W8A8, through `gsr quantize`'s code."""
+    GSR + GPTQ W4A16 g64, GSR + W8A8 and FRTQ (learned rotations) + W4A16 g64, through
+    `gsr quantize`'s code."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -193,7 +194,7 @@ def small_gsr_checkpoints(default_model_dir, tmp_path_factory):
     model.save_pretrained(root / "fp")
     AutoTokenizer.from_pretrained(default_model_dir).save_pretrained(root / "fp")
     out = {}
-    for recipe in ("gsr_w4a16_g64_gptq", "gsr_w8a8_gptq"):
+    for recipe in ("gsr_w4a16_g64_gptq", "gsr_w8a8_gptq", "frtq_w4a16_g64_gptq"):
         out[recipe] = quantize(str(root / "fp"), recipe, root / recipe, calib_samples=4, calib_len=64, data_dir=data_dir)
     return out
 
@@ -288,7 +289,7 @@ def vllm_result(small_gsr_checkpoints, native_kernels):
     return get
 
 
-@pytest.mark.parametrize("recipe", ["gsr_w4a16_g64_gptq", "gsr_w8a8_gptq"])
+@pytest.mark.parametrize("recipe", ["gsr_w4a16_g64_gptq", "gsr_w8a8_gptq", "frtq_w4a16_g64_gptq"])
 def test_vllm_agrees_with_transformers(small_gsr_checkpoints, vllm_result, recipe):
     path, result = small_gsr_checkpoints[recipe], vllm_result(recipe)
     hf = run_transformers(str(path), "float32", result, 8, noise_dtype="bfloat16")

@@ -1,0 +1,204 @@
+"""FRTQ's learning problem: orthogonal R1 (residual stream) and R2 (per layer, every
+head) that minimize the grid-to-std ratio of what gets quantized. Torch only: the
+modifier (``gsr_plugin.modifiers.frtq``) hands over plain tensors taken from the model.
+
+With the stream rotated ``h -> h R1`` and each head's values ``v -> v R2_l``:
+
+* activations (one scale per token): the inputs of q/k/v and gate/up are the
+  normalized stream ``x R1``; o_proj's input is ``concat_heads(a_h R2_l)``;
+* weights (one scale per group of inputs of an output row): readers of the stream
+  ``W R1`` (q, k, gate, up), v_proj ``R2_l^T W R1`` (per head on the output side),
+  o_proj ``R1^T W R2_l`` (per head on the input side), down_proj ``R1^T W R4`` (R4
+  fixed).
+
+Objective (lower is better), with ``rho`` of ``gsr_plugin.learn.objectives``::
+
+    L = a * mean_tokens rho_act + w * mean_groups rho_weight
+
+The ratios of writers (o_proj, down_proj: rotated on the output side) are taken on
+whole blocks of rows (``rows`` index the blocks of R1 kept per matrix), readers on a
+row sample: the mean over the sample estimates the mean over the matrix.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from gsr_plugin.learn.objectives import SmoothMax, grid_to_std_ratio
+from gsr_plugin.learn.orthogonal import OrthogonalMatrices, rotate_inputs, rotate_output_blocks
+
+__all__ = ["Grid", "LayerWeights", "FRTQProblem", "LearnResult", "learn_rotations"]
+
+
+@dataclass(frozen=True)
+class Grid:
+    """What a quantizer does to a vector: ``bits``, ``symmetric``, and one scale per
+    ``group_size`` values (None: per row / per token)."""
+
+    bits: int
+    symmetric: bool = True
+    group_size: int | None = None
+
+
+@dataclass
+class LayerWeights:
+    """One decoder layer's weights as the quantizer will see them (norm scales fused).
+
+    :param readers: ``(r, d)`` sampled rows of q/k/gate/up (inputs: the stream)
+    :param v: ``(kv_heads * head_dim, d)`` v_proj, all rows
+    :param o: ``(b k, heads * head_dim)`` o_proj rows of the R1 blocks ``o_blocks``
+    :param o_blocks: which R1 blocks ``o`` holds
+    :param down: ``(b k, intermediate)`` down_proj rows (R4 already applied on the input
+        side) of the R1 blocks ``down_blocks``
+    :param down_blocks: which R1 blocks ``down`` holds
+    """
+
+    readers: Tensor
+    v: Tensor
+    o: Tensor
+    o_blocks: Tensor
+    down: Tensor
+    down_blocks: Tensor
+
+
+@dataclass
+class FRTQProblem:
+    """Everything the objective needs, as plain tensors.
+
+    :param stream: ``(T, d)`` residual-stream tokens at the inputs of every layer's
+        attention and MLP norms (R1 rotates them; scale does not matter)
+    :param o_inputs: per layer ``(T_l, heads, head_dim)`` o_proj inputs, or empty
+    :param layers: per layer ``LayerWeights``, or empty (no weight term)
+    :param activation_grid: grid of activations (None: 16-bit, no activation term)
+    :param weight_grid: grid of weights (None: no weight term)
+    """
+
+    stream: Tensor | None
+    o_inputs: list[Tensor]
+    layers: list[LayerWeights]
+    activation_grid: Grid | None
+    weight_grid: Grid | None
+    activation_factor: float = 1.0
+    weight_factor: float = 1.0
+    smooth: SmoothMax = "logsumexp"
+    sharpness: float = 8.0
+
+    def _rho(self, x: Tensor, grid: Grid, smooth: SmoothMax) -> Tensor:
+        return grid_to_std_ratio(x, grid.bits, grid.symmetric, grid.group_size, smooth, self.sharpness)
+
+    def terms(self, r1: Tensor, r2: Tensor | None, smooth: SmoothMax | None = None) -> dict[str, Tensor]:
+        """Mean ratio of each kind of quantized tensor under the rotations ``r1``
+        (``(m, k, k)`` blocks) and ``r2`` (``(layers, head_dim, head_dim)`` or None:
+        identity). ``smooth`` defaults to the problem's surrogate."""
+        smooth = smooth or self.smooth
+        out: dict[str, Tensor] = {}
+        a, w = self.activation_grid, self.weight_grid
+        if a is not None and self.stream is not None:
+            out["act_stream"] = self._rho(rotate_inputs(self.stream, r1), a, smooth).mean()
+        if a is not None and self.o_inputs:
+            values = []
+            for l, x in enumerate(self.o_inputs):
+                y = x if r2 is None else x @ r2[l]
+                values.append(self._rho(y.reshape(y.shape[0], -1), a, smooth))
+            out["act_o_proj"] = torch.cat(values).mean()
+        if w is not None and self.layers:
+            kinds: dict[str, list[Tensor]] = {"readers": [], "v_proj": [], "o_proj": [], "down_proj": []}
+            for l, lw in enumerate(self.layers):
+                kinds["readers"].append(self._rho(rotate_inputs(lw.readers, r1), w, smooth).flatten())
+                v = lw.v
+                if r2 is not None:  # R2^T on each head's rows
+                    heads = v.shape[0] // r2.shape[-1]
+                    v = rotate_output_blocks(v, r2[l].expand(heads, -1, -1))
+                kinds["v_proj"].append(self._rho(rotate_inputs(v, r1), w, smooth).flatten())
+                o = rotate_output_blocks(lw.o, r1[lw.o_blocks])
+                if r2 is not None:
+                    o = rotate_inputs(o, r2[l].expand(o.shape[-1] // r2.shape[-1], -1, -1))
+                kinds["o_proj"].append(self._rho(o, w, smooth).flatten())
+                down = rotate_output_blocks(lw.down, r1[lw.down_blocks])
+                kinds["down_proj"].append(self._rho(down, w, smooth).flatten())
+            for kind, values in kinds.items():
+                out[f"weight_{kind}"] = torch.cat(values).mean()
+        return out
+
+    def loss(self, r1: Tensor, r2: Tensor | None, smooth: SmoothMax | None = None) -> Tensor:
+        terms = self.terms(r1, r2, smooth)
+        act = [v for k, v in terms.items() if k.startswith("act_")]
+        wgt = [v for k, v in terms.items() if k.startswith("weight_")]
+        total = torch.zeros(())
+        if act:
+            total = total + self.activation_factor * torch.stack(act).mean()
+        if wgt:
+            total = total + self.weight_factor * torch.stack(wgt).mean()
+        return total
+
+
+@dataclass
+class LearnResult:
+    r1: Tensor  # (m, k, k) float64
+    r2: Tensor | None  # (layers, head_dim, head_dim) float64
+    before: dict[str, float] = field(default_factory=dict)  # exact ratios at the init
+    after: dict[str, float] = field(default_factory=dict)
+    objective_before: float = math.nan  # the smooth objective
+    objective_after: float = math.nan
+    steps: int = 0
+    seconds: float = 0.0
+
+
+def _exact(problem: FRTQProblem, r1: Tensor, r2: Tensor | None) -> dict[str, float]:
+    with torch.no_grad():
+        terms = problem.terms(r1.float(), None if r2 is None else r2.float(), smooth="exact")
+    return {k: float(v) for k, v in terms.items()}
+
+
+def learn_rotations(
+    problem: FRTQProblem,
+    r1_init: Tensor,
+    r2_init: Tensor | None,
+    steps: int = 100,
+    lr: float = 1e-2,
+    seed: int = 0,
+    progress: bool = True,
+) -> LearnResult:
+    """Minimize ``problem.loss`` over ``R1 = blockdiag(r1_init_j expm(S_j))`` and
+    ``R2_l = r2_init_l expm(S'_l)`` with Adam on the skew generators; returns the
+    learned matrices in float64 (orthogonal to rounding) and the objective before
+    and after. ``steps=0`` returns the initialization exactly."""
+    torch.manual_seed(seed)
+    start = time.perf_counter()
+    r1 = OrthogonalMatrices(r1_init)
+    r2 = OrthogonalMatrices(r2_init) if r2_init is not None else None
+    params = list(r1.parameters()) + (list(r2.parameters()) if r2 is not None else [])
+    result = LearnResult(r1=r1_init.to(torch.float64), r2=None if r2_init is None else r2_init.to(torch.float64))
+    result.before = _exact(problem, result.r1, result.r2)
+    with torch.no_grad():
+        result.objective_before = float(problem.loss(r1.matrices(), r2.matrices() if r2 is not None else None))
+    if steps > 0:
+        _learn_steps(problem, r1, r2, params, steps, lr, progress)
+        with torch.no_grad():
+            result.r1 = r1.matrices(torch.float64).detach()
+            result.r2 = r2.matrices(torch.float64).detach() if r2 is not None else None
+            result.objective_after = float(problem.loss(r1.matrices(), r2.matrices() if r2 is not None else None))
+    else:
+        result.objective_after = result.objective_before
+    result.after = _exact(problem, result.r1, result.r2)
+    result.steps = steps
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+@torch.enable_grad()  # callers (llm-compressor's hooks) may run under no_grad
+def _learn_steps(problem, r1, r2, params, steps, lr, progress) -> None:
+    optimizer = torch.optim.Adam(params, lr=lr)
+    bar = tqdm(range(steps), desc="FRTQ learning rotations", disable=not progress, leave=False)
+    for _ in bar:
+        optimizer.zero_grad(set_to_none=True)
+        loss = problem.loss(r1.matrices(), r2.matrices() if r2 is not None else None)
+        loss.backward()
+        optimizer.step()
+        bar.set_postfix(objective=f"{loss.item():.4f}")

@@ -1,0 +1,474 @@
+"""``FRTQModifier``: learned orthogonal R1/R2 that minimize the grid-to-std ratio of
+what gets quantized, from the calibration set, with no fine-tuning.
+
+FRTQ ("Flattened Rotation TSVD Quantization") learns rotations at the model's
+function-invariant points (R1: the residual stream; R2: each layer's heads) by
+minimizing ``rho = step / std`` of the activations and weight groups the quantizer
+sees, and keeps one online rotation, the fixed grouped Walsh R4 at down_proj's input.
+This file is the glue: it reads the quantizer's grid from the recipe, caches a token
+subsample of the model's activations, hands plain tensors to ``gsr_plugin.learn.frtq``
+(the math, torch only), and fuses the learned matrices through the lifecycle every
+rotation shares (``gsr_plugin.rotation``), so the model computes the same function to
+float rounding. Learning runs on the cached activations, with no backpropagation
+through the network (as DartQuant, NeurIPS 2025, does).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+from pathlib import Path
+from typing import Literal
+
+import torch
+from compressed_tensors import match_named_modules
+from compressed_tensors.offload import align_module_device, get_execution_device
+from compressed_tensors.transform import TransformFactory, TransformScheme
+from loguru import logger
+from pydantic import Field, PrivateAttr, field_validator, model_validator
+from tqdm import tqdm
+
+from gsr_plugin.learn.frtq import FRTQProblem, Grid, LayerWeights, LearnResult, learn_rotations
+from gsr_plugin.modifiers.gsr import GSRModifier
+from gsr_plugin.rotation import head_dim_of
+from gsr_plugin.transform import LEARNED_ORTHOGONAL, LearnedRotationFactory
+from gsr_plugin.walsh import grouped_rotation, walsh_matrix
+
+__all__ = ["FRTQModifier", "ROTATIONS_FILE", "first_quantizer_args", "load_rotations", "save_rotations"]
+
+# in a subfolder: vLLM loads every *.safetensors at a checkpoint's top level as weights
+ROTATIONS_FILE = "frtq/rotations.safetensors"
+FORMAT = "gsr-plugin.frtq.v1"
+
+
+class FRTQModifier(GSRModifier):
+    """
+    FRTQ's learned rotations: R1 (residual stream) and R2 (per layer, every head)
+    chosen to minimize the grid-to-std ratio of the quantized activations and weight
+    groups; R3/R4 as in ``GSRModifier`` (fixed grouped Walsh, online).
+
+    Put it before the quantization modifier, in the same ``oneshot``: it learns from
+    oneshot's calibration dataset and takes the grid (bits, group size, symmetry) from
+    the quantization modifier that follows, unless the ``weight_*`` and
+    ``activation_bits`` fields say otherwise. With ``init: gsr`` and ``steps: 0`` it is
+    exactly ``GSRModifier``. ``ordering``, ``randomize``, ``r4_block_size`` and
+    ``fold_r4_permutation`` apply to the fixed R4.
+
+    Lifecycle: as ``GSRModifier`` (``gsr_plugin.rotation``); after the norms are fused
+    and before the rotations: cache activations (``tokens`` per rotated input), learn
+    (``steps`` of Adam on the generators of ``Q0 expm(A - A^T)``), log the objective
+    before and after, then fuse the learned matrices. ``save_pretrained`` then also
+    writes them to ``frtq/rotations.safetensors`` beside the checkpoint.
+
+    :param init: ``gsr`` (sequency Walsh blocks, as GSR), ``natural`` (Sylvester-order
+        blocks) or ``random`` (seeded random orthogonal)
+    :param structure: ``block`` (R1 block-diagonal with blocks of ``block_size``, each
+        learned: GSR's outlier isolation kept) or ``full`` (one hidden x hidden matrix,
+        initialized as ``init`` in blocks of ``block_size``)
+    :param steps: learning steps (0: the initialization, no data needed)
+    :param lr: Adam's learning rate on the skew-symmetric generators
+    :param tokens: calibration tokens kept per rotated input of each layer (bounds the
+        activation cache: ``3 x layers x tokens x hidden`` floats)
+    :param weight_rows: rows of each weight in the objective (a seeded sample; o_proj
+        and down_proj, rotated on their output side, take whole blocks of R1 rows)
+    :param activation_factor: weight of the activation term (0: weights only)
+    :param weight_factor: weight of the weight-group term (0: activations only)
+    :param smooth_max: surrogate of the max in the ratio: ``logsumexp`` or ``pnorm``
+    :param sharpness: ``s`` of logsumexp (on standardized values) or ``p`` of pnorm
+    :param weight_bits: weight grid bits (default: the following quantizer's)
+    :param weight_group_size: inputs per weight scale, or ``channel`` (default: the
+        quantizer's)
+    :param weight_symmetric: symmetric weight grid (default: the quantizer's)
+    :param activation_bits: activation grid bits (per token), 16 for none (default:
+        the quantizer's input activations)
+    :param rotations_from: a directory holding ``frtq/rotations.safetensors`` (a
+        checkpoint this modifier wrote): apply those matrices, learn nothing
+    :param learned: filled in after learning (the objective and its exact terms before
+        and after, steps, seconds): a record in the saved recipe, ignored on input
+    """
+
+    init: Literal["gsr", "natural", "random"] = Field(default="gsr")
+    structure: Literal["block", "full"] = Field(default="block")
+    steps: int = Field(default=100, ge=0)
+    lr: float = Field(default=1e-2, gt=0)
+    tokens: int = Field(default=256, ge=1)
+    weight_rows: int = Field(default=64, ge=1)
+    activation_factor: float = Field(default=1.0, ge=0)
+    weight_factor: float = Field(default=1.0, ge=0)
+    smooth_max: Literal["logsumexp", "pnorm"] = Field(default="logsumexp")
+    sharpness: float = Field(default=8.0, gt=0)
+    weight_bits: int | None = Field(default=None, ge=1, le=16)
+    weight_group_size: int | Literal["channel"] | None = Field(default=None)
+    weight_symmetric: bool | None = Field(default=None)
+    activation_bits: int | None = Field(default=None, ge=1, le=16)
+    rotations_from: str | None = Field(default=None)
+    learned: dict | None = Field(default=None)
+
+    _weight_grid: Grid | None = PrivateAttr(default=None)
+    _activation_grid: Grid | None = PrivateAttr(default=None)
+    _r1: torch.Tensor | None = PrivateAttr(default=None)
+    _r2: dict[str, torch.Tensor] | None = PrivateAttr(default=None)
+    _calibration: object = PrivateAttr(default=None)
+
+    @field_validator("init", "structure", "smooth_max", mode="before")
+    @classmethod
+    def _lower(cls, value):
+        return value.lower() if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _data_for_explicit_activations(self):
+        """Alone in a recipe with activation_bits set, FRTQ is what needs the data
+        (llm-compressor picks its pipeline and dataloader by this flag)."""
+        if self.activation_bits is not None and self.activation_bits < 16 and self.steps > 0 and not self.rotations_from:
+            self.requires_calibration_data = True
+        return self
+
+    @property
+    def learned_rotations(self) -> list[str]:
+        return [r for r in ("R1", "R2") if r in self.rotations]
+
+    def describe(self) -> str:
+        return f"FRTQ {'+'.join(self.rotations)} ({self.structure}, init {self.init}, block {self.block_size})"
+
+    def _r1_size(self, config) -> int:
+        return config.hidden_size if self.structure == "full" else self.block_size
+
+    # ------------------------------------------------------------------ planning
+
+    def on_initialize(self, state, **kwargs) -> bool:
+        if not self.learned_rotations:
+            raise ValueError(
+                "FRTQModifier learns R1 and/or R2, and rotations has neither; add them, or "
+                "use GSRModifier for R3/R4 alone"
+            )
+        initialized = super().on_initialize(state, **kwargs)
+        model = state.model
+        self._weight_grid, self._activation_grid = self._resolve_grids()
+        if self._weight_grid is None and self._activation_grid is None and self.rotations_from is None:
+            raise ValueError(
+                "FRTQModifier has nothing to minimize: weight_factor is 0 and the recipe "
+                "quantizes no activations (or activation_factor is 0)"
+            )
+        groups = self._transform_config.config_groups
+        for name in self.learned_rotations:
+            size = self._r1_size(model.config) if name == "R1" else head_dim_of(model.config)
+            groups[name] = groups[name].model_copy(update={"type": LEARNED_ORTHOGONAL, "head_dim": size})
+        if self.rotations_from is not None:
+            self._r1, self._r2 = load_rotations(
+                self.rotations_from, self.learned_rotations, self._r1_size(model.config), self._attention_names(model)
+            )
+        elif self.steps > 0 and self._activation_grid is not None and state.data.calib is None:
+            raise ValueError(
+                "FRTQModifier learns from calibration activations, and oneshot was given no "
+                "dataset: pass dataset= to oneshot (the data GPTQ calibrates on), or set "
+                "activation_factor=0 (weights only), steps=0, or rotations_from=DIR"
+            )
+        self._calibration = state.data.calib
+        return initialized
+
+    def _resolve_grids(self) -> tuple[Grid | None, Grid | None]:
+        """The weight and activation grids (None where that term is off): explicit
+        fields, else the first quantization modifier after this one in the recipe."""
+        weights, activations = _following_quantizer_args(self)
+        bits = self.weight_bits or (weights.num_bits if weights is not None else None)
+        if bits is None:
+            raise ValueError(
+                "FRTQModifier needs the weight grid it learns for: put it before a "
+                "quantization modifier (e.g. GPTQModifier) in the same recipe, or set "
+                "weight_bits (and weight_group_size, weight_symmetric, activation_bits)"
+            )
+        if self.weight_group_size is not None:
+            group = None if self.weight_group_size == "channel" else self.weight_group_size
+        else:
+            group = weights.group_size if weights is not None and str(weights.strategy) == "group" else None
+        if self.weight_symmetric is not None:
+            symmetric = self.weight_symmetric
+        else:
+            symmetric = weights.symmetric if weights is not None else True
+        weight_grid = Grid(bits, symmetric, group) if self.weight_factor > 0 else None
+        act_bits = self.activation_bits or (activations.num_bits if activations is not None else 16)
+        if act_bits >= 16 or self.activation_factor == 0:
+            return weight_grid, None
+        act_symmetric = activations.symmetric if activations is not None else True
+        act_group = activations.group_size if activations is not None and str(activations.strategy) == "group" else None
+        return weight_grid, Grid(act_bits, act_symmetric, act_group)
+
+    def pin_grid(self, weights, activations) -> None:
+        """Fill the unset grid fields from QuantizationArgs (to run the rotation part
+        of a recipe without its quantizer, as ``gsr diagnose`` does)."""
+        if weights is not None:
+            self.weight_bits = self.weight_bits or weights.num_bits
+            if self.weight_group_size is None:
+                self.weight_group_size = weights.group_size if str(weights.strategy) == "group" else "channel"
+            if self.weight_symmetric is None:
+                self.weight_symmetric = weights.symmetric
+        if self.activation_bits is None:
+            self.activation_bits = activations.num_bits if activations is not None else 16
+
+    def _attention_names(self, model: torch.nn.Module) -> list[str]:
+        """One name per layer (the parent of its v_proj): the keys of R2."""
+        return [name.rsplit(".", 1)[0] for name, _ in match_named_modules(model, [self._mapping.attn_v])]
+
+    # ------------------------------------------------------------------ learning
+
+    def _prepare_fusion(self, model: torch.nn.Module) -> None:
+        if self.rotations_from is None:
+            result = self._learn(model)
+            self._r1 = result.r1 if "R1" in self.learned_rotations else None
+            if "R2" in self.learned_rotations:
+                self._r2 = dict(zip(self._attention_names(model), result.r2.unbind(0)))
+            self.learned = _record(result)
+            logger.info(
+                f"FRTQ objective {result.objective_before:.4f} -> {result.objective_after:.4f} "
+                f"in {result.steps} steps ({result.seconds:.1f}s); exact ratios "
+                + ", ".join(f"{k} {result.before[k]:.3f} -> {result.after[k]:.3f}" for k in result.before)
+            )
+        _save_rotations_with_model(model, self)
+
+    def _factory(self, name: str, scheme: TransformScheme, index: int) -> TransformFactory:
+        if name == "R1" and self._r1 is not None:
+            return LearnedRotationFactory(name, scheme, blocks=self._r1)
+        if name == "R2" and self._r2 is not None:
+            return LearnedRotationFactory(name, scheme, blocks={k: v[None] for k, v in self._r2.items()})
+        return super()._factory(name, scheme, index)
+
+    def _learn(self, model: torch.nn.Module) -> LearnResult:
+        config = model.config
+        head_dim = head_dim_of(config)
+        layers = len(self._attention_names(model))
+        if "R1" in self.learned_rotations:
+            r1_init = initial_blocks(self.init, self._r1_size(config), config.hidden_size, self.block_size, self.seed)
+        else:
+            r1_init = torch.eye(config.hidden_size, dtype=torch.float64)[None]
+        r2_init = None
+        if "R2" in self.learned_rotations:
+            r2_init = torch.cat(
+                [initial_blocks(self.init, head_dim, head_dim, head_dim, self.seed + 1 + layer) for layer in range(layers)]
+            )
+        stream, o_inputs = None, []
+        if self._activation_grid is not None and self.steps > 0:
+            stream, o_inputs = self._cache_activations(model)
+        problem = FRTQProblem(
+            stream=stream if "R1" in self.learned_rotations else None,
+            o_inputs=o_inputs if "R2" in self.learned_rotations else [],
+            layers=self._layer_weights(model, r1_init.shape[-1]) if self._weight_grid is not None else [],
+            activation_grid=self._activation_grid,
+            weight_grid=self._weight_grid,
+            activation_factor=self.activation_factor,
+            weight_factor=self.weight_factor,
+            smooth=self.smooth_max,
+            sharpness=self.sharpness,
+        )
+        return learn_rotations(problem, r1_init, r2_init, self.steps, self.lr, self.seed)
+
+    def _layer_modules(self, model: torch.nn.Module) -> list[dict[str, torch.nn.Module]]:
+        """Per decoder layer: its q, k, v, o, mlp inputs and down modules."""
+        m = self._mapping
+        roles = {"q": m.attn_q, "k": m.attn_k, "v": m.attn_v, "o": m.attn_o, "down": m.mlp_out}
+        found = {
+            role: [module for _, module in match_named_modules(model, pattern if isinstance(pattern, list) else [pattern])]
+            for role, pattern in roles.items()
+        }
+        found["mlp_in"] = [
+            [module for _, module in match_named_modules(model, [pattern])] for pattern in m.mlp_in
+        ]
+        layers = len(found["v"])
+        if any(len(found[r]) != layers for r in roles) or any(len(x) != layers for x in found["mlp_in"]):
+            raise ValueError(
+                f"FRTQModifier expects one of each of {', '.join(roles)} and the MLP inputs per layer; "
+                "check mappings"
+            )
+        return [
+            {**{role: found[role][i] for role in roles}, "mlp_in": [x[i] for x in found["mlp_in"]]}
+            for i in range(layers)
+        ]
+
+    def _layer_weights(self, model: torch.nn.Module, r1_block: int) -> list[LayerWeights]:
+        """Each layer's weights as the quantizer will see them (norms already fused),
+        sampled: ``weight_rows`` rows of the readers, whole R1 blocks of the writers."""
+        generator = torch.Generator().manual_seed(self.seed)
+        r4 = None
+        if "R4" in self.rotations:
+            r4 = grouped_rotation(model.config.intermediate_size, self.r4_block_size, self.ordering, dtype=torch.float32)
+        blocks = model.config.hidden_size // r1_block
+        keep = min(blocks, max(1, math.ceil(self.weight_rows / r1_block)))
+        out = []
+        for modules in tqdm(self._layer_modules(model), desc="FRTQ sampling weights", leave=False):
+            readers = []
+            for module in (modules["q"], modules["k"], *modules["mlp_in"]):
+                w = _weight(module)
+                rows = torch.randperm(w.shape[0], generator=generator)[: self.weight_rows]
+                readers.append(w[rows])
+            o_blocks = torch.randperm(blocks, generator=generator)[:keep]
+            down_blocks = torch.randperm(blocks, generator=generator)[:keep]
+            o, down = _weight(modules["o"]), _weight(modules["down"])
+            if r4 is not None:
+                down = down @ r4
+            pick = lambda w, index: w.reshape(blocks, r1_block, -1)[index].reshape(-1, w.shape[-1])  # noqa: E731
+            out.append(LayerWeights(
+                readers=torch.cat(readers), v=_weight(modules["v"]),
+                o=pick(o, o_blocks), o_blocks=o_blocks, down=pick(down, down_blocks), down_blocks=down_blocks,
+            ))
+        return out
+
+    @torch.no_grad()
+    def _cache_activations(self, model: torch.nn.Module) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """A seeded subsample of ``tokens`` real (unpadded) calibration tokens per
+        layer at the inputs R1 rotates (q/k/v, the MLP inputs) and at o_proj's input
+        (R2), from forward passes of the model as it is now (norms fused: these are the
+        inputs the quantizer sees)."""
+        batches = list(self._calibration)
+        per_batch = max(1, math.ceil(self.tokens / max(1, len(batches))))
+        generator = torch.Generator().manual_seed(self.seed)
+        layers = self._layer_modules(model)
+        stream: list[list[torch.Tensor]] = [[] for _ in range(2 * len(layers))]
+        o_inputs: list[list[torch.Tensor]] = [[] for _ in layers]
+        keep: dict[str, torch.Tensor] = {}
+
+        def sample(x: torch.Tensor) -> torch.Tensor:
+            x = x.reshape(-1, x.shape[-1])
+            return x[keep["index"].to(x.device)].float().cpu()
+
+        hooks = []
+        for i, modules in enumerate(layers):
+            hooks.append(modules["q"].register_forward_pre_hook(lambda m, a, i=i: stream[2 * i].append(sample(a[0]))))
+            hooks.append(modules["mlp_in"][0].register_forward_pre_hook(lambda m, a, i=i: stream[2 * i + 1].append(sample(a[0]))))
+            hooks.append(modules["o"].register_forward_pre_hook(lambda m, a, i=i: o_inputs[i].append(sample(a[0]))))
+        device = get_execution_device(model)
+        try:
+            for batch in tqdm(batches, desc="FRTQ caching activations", leave=False):
+                batch = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+                mask = batch.get("attention_mask")
+                valid = (mask.reshape(-1) > 0).nonzero().flatten().cpu() if mask is not None else torch.arange(
+                    batch["input_ids"].numel()
+                )
+                keep["index"] = valid[torch.randperm(len(valid), generator=generator)[:per_batch]]
+                model(**batch, use_cache=False)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        heads, head_dim = model.config.num_attention_heads, head_dim_of(model.config)
+        stream_tokens = torch.cat([torch.cat(x)[: self.tokens] for x in stream])
+        o_tokens = [torch.cat(x)[: self.tokens].reshape(-1, heads, head_dim) for x in o_inputs]
+        return stream_tokens, o_tokens
+
+
+def _weight(module: torch.nn.Module) -> torch.Tensor:
+    with align_module_device(module):
+        return module.weight.detach().float().cpu()
+
+
+def initial_blocks(init: str, size: int, width: int, block: int, seed: int) -> torch.Tensor:
+    """``(width // size, size, size)`` float64 orthogonal blocks: each is ``init`` in
+    blocks of ``block`` (Walsh blocks repeated; or seeded random orthogonal)."""
+    count = width // size
+    if init == "random":
+        generator = torch.Generator().manual_seed(seed)
+        q, r = torch.linalg.qr(torch.randn(count, size, size, generator=generator, dtype=torch.float64))
+        return q * torch.sign(torch.diagonal(r, dim1=-2, dim2=-1))[:, None, :]
+    walsh = walsh_matrix(block, "sequency" if init == "gsr" else "natural", normalized=True, dtype=torch.float64)
+    one = torch.block_diag(*([walsh] * (size // block)))
+    return one.expand(count, size, size).clone()
+
+
+def first_quantizer_args(modifiers) -> tuple:
+    """(weights, input_activations) QuantizationArgs of the first quantization
+    modifier in ``modifiers`` (its first config group with weights); (None, None)."""
+    from llmcompressor.modifiers.quantization import QuantizationMixin
+
+    for modifier in modifiers:
+        if isinstance(modifier, QuantizationMixin):
+            for scheme in modifier.resolved_config.config_groups.values():
+                if scheme.weights is not None:
+                    return scheme.weights, scheme.input_activations
+    return None, None
+
+
+def _following_quantizer_args(modifier) -> tuple:
+    """``first_quantizer_args`` of the modifiers after ``modifier`` in the active recipe."""
+    from llmcompressor.core import active_session
+
+    recipe = getattr(active_session().lifecycle, "recipe", None)
+    modifiers = list(getattr(recipe, "modifiers", None) or [])
+    position = next((i for i, m in enumerate(modifiers) if m is modifier), None)
+    return (None, None) if position is None else first_quantizer_args(modifiers[position + 1 :])
+
+
+def _record(result: LearnResult) -> dict:
+    return {
+        "objective_before": round(result.objective_before, 6),
+        "objective_after": round(result.objective_after, 6),
+        "ratios_before": {k: round(v, 6) for k, v in result.before.items()},
+        "ratios_after": {k: round(v, 6) for k, v in result.after.items()},
+        "steps": result.steps,
+        "seconds": round(result.seconds, 1),
+    }
+
+
+# ------------------------------------------------------------------ saving
+
+
+def save_rotations(directory: str | Path, modifier: FRTQModifier) -> Path:
+    """Write the learned matrices to ``directory/frtq/rotations.safetensors`` (R1:
+    ``(m, k, k)`` blocks; R2: ``(layers, head_dim, head_dim)`` with the layer names in
+    the metadata), with the settings and the objective."""
+    from safetensors.torch import save_file
+
+    tensors, metadata = {}, {"format": FORMAT, "init": modifier.init, "structure": modifier.structure}
+    if modifier._r1 is not None:
+        tensors["R1"] = modifier._r1.contiguous()
+    if modifier._r2 is not None:
+        tensors["R2"] = torch.stack(list(modifier._r2.values())).contiguous()
+        metadata["R2_layers"] = json.dumps(list(modifier._r2))
+    metadata["learned"] = json.dumps(modifier.learned)
+    path = Path(directory) / ROTATIONS_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path), metadata=metadata)
+    return path
+
+
+def load_rotations(directory: str | Path, rotations: list[str], r1_block: int, layers: list[str]):
+    """(R1 blocks or None, {layer: R2} or None) from ``directory``, checked against the
+    model: ``ValueError`` naming what does not fit."""
+    from safetensors import safe_open
+
+    path = Path(directory) / ROTATIONS_FILE
+    if not path.is_file():
+        raise ValueError(f"rotations_from: {path} does not exist; point it to a checkpoint FRTQModifier wrote")
+    with safe_open(str(path), "pt") as f:
+        metadata = f.metadata() or {}
+        if metadata.get("format") != FORMAT:
+            raise ValueError(f"{path} is not an FRTQ rotation file (format {metadata.get('format')!r}, expected {FORMAT})")
+        tensors = {key: f.get_tensor(key) for key in f.keys()}
+    r1 = r2 = None
+    if "R1" in rotations:
+        if "R1" not in tensors or tensors["R1"].shape[-1] != r1_block:
+            found = tuple(tensors["R1"].shape) if "R1" in tensors else "none"
+            raise ValueError(f"{path}: R1 blocks {found} do not fit this model and structure (blocks of {r1_block})")
+        r1 = tensors["R1"].to(torch.float64)
+    if "R2" in rotations:
+        names = json.loads(metadata.get("R2_layers", "[]"))
+        if "R2" not in tensors or names != layers:
+            raise ValueError(f"{path}: R2 was learned for layers {names[:2]}..., not this model's {layers[:2]}...")
+        r2 = dict(zip(names, tensors["R2"].to(torch.float64).unbind(0)))
+    return r1, r2
+
+
+def _save_rotations_with_model(model: torch.nn.Module, modifier: FRTQModifier) -> None:
+    """Make ``model.save_pretrained(dir)`` (llm-compressor's, which oneshot calls with
+    its output_dir) also write the rotations beside the checkpoint."""
+    save = model.save_pretrained
+    if getattr(save, "_frtq_modifier", None) is not None:
+        save._frtq_modifier = modifier
+        return
+
+    @functools.wraps(save)
+    def save_pretrained(save_directory, *args, **kwargs):
+        result = save(save_directory, *args, **kwargs)
+        save_rotations(save_directory, save_pretrained._frtq_modifier)
+        return result
+
+    save_pretrained._frtq_modifier = modifier
+    save_pretrained._overridden = getattr(save, "_overridden", False)
+    model.save_pretrained = save_pretrained
