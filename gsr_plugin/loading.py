@@ -91,7 +91,8 @@ def load_with_online_transforms(checkpoint: str | Path, dtype="auto", **kwargs):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     qconfig = json.loads((Path(checkpoint) / "config.json").read_text()).get("quantization_config") or {}
-    if qconfig and not qconfig.get("config_groups") and "config" not in kwargs:
+    rotation_only = qconfig.get("quant_method") == "compressed-tensors" and not qconfig.get("config_groups")
+    if rotation_only and "config" not in kwargs:
         config = AutoConfig.from_pretrained(checkpoint)
         del config.quantization_config
         kwargs["config"] = config

@@ -102,6 +102,21 @@ def default_model_dir():
     return default_model_path()
 
 
+@pytest.fixture(scope="session")
+def default_model_cut(default_model_dir, tmp_path_factory):
+    """The default model cut to its first 2 layers (real weights: confident
+    predictions, seconds to quantize), with its tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    root = tmp_path_factory.mktemp("cut") / "smollm2-2layers"
+    model = AutoModelForCausalLM.from_pretrained(default_model_dir, dtype=torch.float32)
+    model.model.layers = model.model.layers[:2]
+    model.config.num_hidden_layers = 2
+    model.save_pretrained(root)
+    AutoTokenizer.from_pretrained(default_model_dir).save_pretrained(root)
+    return root
+
+
 @pytest.fixture
 def small_data(tmp_path_factory):
     """A data directory with the layout of shared/data and a few rows of each set."""

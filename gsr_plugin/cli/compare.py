@@ -22,6 +22,10 @@ from gsr_plugin.cli.recipes import METHODS, RecipeSetting, recipe_yaml
 __all__ = ["CompareSettings", "DEFAULT_METHODS", "compare", "run_settings", "run_key", "markdown_table", "plot"]
 
 DEFAULT_METHODS = ["none", "hadamard", "random_hadamard", "gsr", "gsr_random"]
+# llmcompressor: oneshot's GPTQModifier (fake-quantized, float32); optimum: the recipe's
+# rotation by gsr_plugin.rotate, then gptqmodel's GPTQ through Optimum's GPTQQuantizer,
+# its weights dequantized and computed in float32 (gsr_plugin.engines.optimum)
+ENGINES = ("llmcompressor", "optimum")
 
 
 @dataclass
@@ -37,11 +41,15 @@ class CompareSettings:
     seed: int = 0
     ppl_windows: int | None = 10
     data_dir: str | None = None
+    engines: list[str] = field(default_factory=lambda: ["llmcompressor"])
 
     def __post_init__(self):
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown:
             raise ValueError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
+        bad = [e for e in self.engines if e not in ENGINES]
+        if bad or not self.engines:
+            raise ValueError(f"unknown engine(s) {bad}; choose from {', '.join(ENGINES)}")
 
 
 def compare(settings: CompareSettings, out_dir: str | Path, command: str | None = None) -> dict:
@@ -62,6 +70,7 @@ def compare(settings: CompareSettings, out_dir: str | Path, command: str | None 
         seed=settings.seed,
         ppl_windows=settings.ppl_windows,
         data_dir=settings.data_dir,
+        engines=settings.engines,
         command=command,
         extra={"settings": asdict(settings) | {"data_dir": str(find_data_dir(settings.data_dir) or "hub")}},
     )
@@ -83,6 +92,7 @@ def run_settings(
     command: str | None = None,
     extra: dict | None = None,
     resume: bool = False,
+    engines: list[str] = ("llmcompressor",),
 ) -> dict:
     """Quantize a fresh copy of ``model`` with each setting (rotation + GPTQ, in
     memory) and measure WikiText-2 perplexity; ``out_json`` is rewritten after every
@@ -124,26 +134,30 @@ def run_settings(
         "runs": [],
     }
     done = {r["recipe"]: r for r in previous.get("runs", [])}
-    for setting in tqdm(settings, desc="runs", unit="run"):
-        key = run_key(setting)
+    for setting, engine in tqdm([(s, e) for s in settings for e in engines], desc="runs", unit="run"):
+        key = run_key(setting, engine)
         if key in done:
             report["runs"].append(done[key])
             continue
-        quantized = load()
         start = time.perf_counter()
-        oneshot(
-            model=quantized,
-            processor=tokenizer,
-            dataset=dataset,
-            recipe=recipe_yaml(setting, head_dim),
-            num_calibration_samples=calib_samples,
-            max_seq_length=calib_len,
-        )
+        if engine == "optimum":
+            quantized = _quantize_with_optimum(path, tokenizer, windows, recipe_yaml(setting, head_dim))
+        else:
+            quantized = load()
+            oneshot(
+                model=quantized,
+                processor=tokenizer,
+                dataset=dataset,
+                recipe=recipe_yaml(setting, head_dim),
+                num_calibration_samples=calib_samples,
+                max_seq_length=calib_len,
+            )
         seconds = time.perf_counter() - start
         result = perplexity(quantized, stream, max_windows=ppl_windows, progress=False)
         report["runs"].append(
             {
                 "recipe": key,
+                "engine": engine,
                 "method": setting.method,
                 "bits": setting.weight_bits,
                 "group_size": setting.group_size,
@@ -165,10 +179,24 @@ def run_settings(
     return report
 
 
-def run_key(setting: RecipeSetting) -> str:
+def run_key(setting: RecipeSetting, engine: str = "llmcompressor") -> str:
     """A run's name in reports (and the key ``resume`` matches): the recipe name, plus
-    the R1 block when it is not the default."""
-    return setting.name + ("" if setting.block_size is None else f"_b{setting.block_size}")
+    the R1 block when it is not the default, plus the engine when it is not oneshot."""
+    key = setting.name + ("" if setting.block_size is None else f"_b{setting.block_size}")
+    return key + ("" if engine == "llmcompressor" else f"@{engine}")
+
+
+def _quantize_with_optimum(path, tokenizer, windows, recipe: str):
+    """The recipe through the Optimum engine, weights dequantized to float32."""
+    from gsr_plugin.engines.optimum import dequantize_to_float, quantize_optimum, recipe_for_optimum
+
+    rotations, gptq = recipe_for_optimum(recipe)
+    model, _ = quantize_optimum(path, tokenizer, windows, gptq, rotations)
+    return dequantize_to_float(model)
+
+
+def _row(run: dict, engines: set) -> str:
+    return run["method"] if len(engines) < 2 else f"{run['method']} ({run.get('engine', 'llmcompressor')})"
 
 
 def _fmt(ppl: float) -> str:
@@ -180,8 +208,9 @@ def _fmt(ppl: float) -> str:
 def markdown_table(report: dict) -> str:
     s = report["settings"]
     bits = sorted({r["bits"] for r in report["runs"]})
-    methods = list(dict.fromkeys(r["method"] for r in report["runs"]))
-    ppl = {(r["method"], r["bits"]): r["ppl"] for r in report["runs"]}
+    engines = {r.get("engine", "llmcompressor") for r in report["runs"]}
+    methods = list(dict.fromkeys(_row(r, engines) for r in report["runs"]))
+    ppl = {(_row(r, engines), r["bits"]): r["ppl"] for r in report["runs"]}
     group = f"groups of {s['group_size']}" if s["group_size"] else "per-channel scales"
     lines = [
         f"WikiText-2 perplexity of `{s['model']}` after GPTQ "
@@ -195,7 +224,13 @@ def markdown_table(report: dict) -> str:
     ]
     for method in methods:
         lines.append(f"| {method} | " + " | ".join(_fmt(ppl.get((method, b), float("nan"))) for b in bits) + " |")
-    lines += ["", "Methods: " + "; ".join(f"`{m}`: {METHODS[m]}" for m in methods) + ".", "", f"Command: `{report['command']}`", ""]
+    described = dict.fromkeys(r["method"] for r in report["runs"])
+    lines += ["", "Methods: " + "; ".join(f"`{m}`: {METHODS[m]}" for m in described) + "."]
+    if len(engines) > 1:
+        lines += ["", "Engines: `llmcompressor`: oneshot's GPTQModifier; `optimum`: the same rotation by "
+                  "gsr_plugin.rotate, then gptqmodel's GPTQ (Optimum's GPTQQuantizer), its weights dequantized and "
+                  "computed in float32 like llm-compressor's fake quantization."]
+    lines += ["", f"Command: `{report['command']}`", ""]
     return "\n".join(lines)
 
 
@@ -206,8 +241,9 @@ def plot(report: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
-    for method in dict.fromkeys(r["method"] for r in report["runs"]):
-        points = sorted((r["bits"], r["ppl"]) for r in report["runs"] if r["method"] == method)
+    engines = {r.get("engine", "llmcompressor") for r in report["runs"]}
+    for method in dict.fromkeys(_row(r, engines) for r in report["runs"]):
+        points = sorted((r["bits"], r["ppl"]) for r in report["runs"] if _row(r, engines) == method)
         xs = [b for b, p in points if math.isfinite(p)]
         ys = [p for b, p in points if math.isfinite(p)]
         ax.plot(xs, ys, marker="o", label=method)

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -24,6 +25,14 @@ __all__ = ["main"]
 
 # errors that are the user's to fix: printed as one line, exit code 2
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, DataNotFoundError)
+
+
+_results = sys.stdout  # where results go; main() sends everything else to stderr
+
+
+def _result(text) -> None:
+    """Print a result: stdout holds results only (tables, paths), so it can be piped."""
+    print(text, file=_results, flush=True)
 
 
 def _say(message: str) -> None:
@@ -83,6 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--calib-len", type=int, default=512, help="tokens per calibration window (default 512)")
     q.add_argument("--seed", type=int, default=0, help="seed of the calibration windows")
     q.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    q.add_argument("--engine", choices=["llmcompressor", "optimum"], default="llmcompressor",
+                   help="llmcompressor (oneshot, compressed-tensors checkpoint) or optimum (the recipe's rotation with "
+                   "gsr_plugin.rotate, then gptqmodel's GPTQ at the recipe's grid: a GPTQ checkpoint)")
+    q.add_argument("--api", choices=["quantizer", "config"], default="quantizer",
+                   help="with --engine optimum: Optimum's GPTQQuantizer, or transformers' GPTQConfig")
     _add_data(q)
 
     e = commands.add_parser("eval", help="WikiText-2 perplexity and zero-shot accuracy")
@@ -105,6 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--calib-len", type=int, default=512)
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--ppl-windows", type=_windows, default=10, help="first N windows (default 10), or 'all'")
+    c.add_argument("--engines", default="llmcompressor",
+                   help="comma-separated: llmcompressor (oneshot's GPTQ), optimum (gsr_plugin.rotate + gptqmodel's GPTQ)")
     c.add_argument("--out", default="compare-out", help="directory for compare.md, compare.png, compare.json")
     _add_data(c)
 
@@ -153,10 +169,13 @@ def cmd_quantize(args) -> int:
         seed=args.seed,
         data_dir=args.data_dir,
         overwrite=args.overwrite,
+        engine=args.engine,
+        api=args.api,
     )
-    _say(f"saved {output} (compressed-tensors; recipe.yaml and gsr_quantize.json inside)")
+    kind = "GPTQ" if args.engine == "optimum" else "compressed-tensors"
+    _say(f"saved {output} ({kind}; recipe.yaml and gsr_quantize.json inside)")
     _say_servability(output)
-    print(output)
+    _result(output)
     return 0
 
 
@@ -190,7 +209,7 @@ def cmd_eval(args) -> int:
         with open(args.json, "w") as f:
             json.dump(reports if len(reports) > 1 else reports[0], f, indent=2)
             f.write("\n")
-    print(_eval_table(reports, tasks))
+    _result(_eval_table(reports, tasks))
     return 0
 
 
@@ -233,10 +252,11 @@ def cmd_compare(args) -> int:
         seed=args.seed,
         ppl_windows=args.ppl_windows,
         data_dir=args.data_dir,
+        engines=[e for e in args.engines.split(",") if e],
     )
     _say(f"comparing {len(settings.methods)} methods x {len(settings.bits)} bit widths on {settings.model}")
     compare(settings, args.out)
-    print((Path(args.out) / "compare.md").read_text())
+    _result((Path(args.out) / "compare.md").read_text())
     _say(f"wrote {args.out}/compare.md, compare.png, compare.json")
     return 0
 
@@ -250,7 +270,7 @@ def cmd_serve_check(args) -> int:
     report = serve_check(args.checkpoint, dtype=args.dtype, max_tokens=args.max_tokens, device=device, python=python)
     if args.json:
         Path(args.json).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
-    print(report.text())
+    _result(report.text())
     return 0 if report.ok else 1
 
 
@@ -269,7 +289,7 @@ def cmd_diagnose(args) -> int:
         activation_bits=args.act_bits,
         calib_samples=args.calib_samples,
     )
-    print(tables(report))
+    _result(tables(report))
     if args.out:
         _say(f"wrote {write(report, args.out)}/diagnose.md, diagnose.json, diagnose.png")
     return 0
@@ -286,11 +306,11 @@ def cmd_recipes(args) -> int:
 
     if args.methods:
         for name, text in METHODS.items():
-            print(f"{name:16s} {text}")
+            _result(f"{name:16s} {text}")
         return 0
     for path in sorted(recipes_dir().glob("*.yaml")):
         first = path.read_text().splitlines()[0].lstrip("# ")
-        print(f"{path.stem:36s} {first.split(': ', 1)[-1]}")
+        _result(f"{path.stem:36s} {first.split(': ', 1)[-1]}")
     return 0
 
 
@@ -305,8 +325,13 @@ def main(argv: list[str] | None = None) -> int:
         "diagnose": cmd_diagnose,
         "recipes": cmd_recipes,
     }[args.command]
+    global _results
+    _results = sys.stdout
     try:
-        return handler(args)
+        # libraries print progress and banners to stdout (gptqmodel's logger does):
+        # while a command runs, their stdout goes to stderr; results use _result
+        with contextlib.redirect_stdout(sys.stderr):
+            return handler(args)
     except USER_ERRORS as error:
         if args.verbose:
             raise

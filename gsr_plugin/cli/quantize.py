@@ -61,10 +61,22 @@ def quantize(
     data_dir: str | None = None,
     overwrite: bool = False,
     dtype: str = "auto",
+    engine: str = "llmcompressor",
+    api: str = "quantizer",
 ) -> Path:
     """Apply ``recipe`` (a YAML path or a shipped recipe name) to ``model`` with
     WikiText-2 validation windows for calibration, and save the checkpoint, its
-    tokenizer, ``recipe.yaml`` and ``gsr_quantize.json`` (the settings) at ``output``."""
+    tokenizer, ``recipe.yaml`` and ``gsr_quantize.json`` (the settings) at ``output``.
+
+    ``engine="optimum"`` runs the recipe's rotation with ``gsr_plugin.rotate`` and its
+    GPTQ grid with gptqmodel through Optimum (``api``: ``quantizer`` for
+    ``GPTQQuantizer``, ``config`` for transformers' ``GPTQConfig``), and saves a GPTQ
+    checkpoint (``gsr_plugin.engines.optimum``)."""
+    if engine == "optimum":
+        return _quantize_optimum(model, recipe, output, calib_samples=calib_samples, calib_len=calib_len, seed=seed,
+                                 data_dir=data_dir, overwrite=overwrite, api=api)
+    if engine != "llmcompressor":
+        raise ValueError(f"engine must be 'llmcompressor' or 'optimum', not {engine!r}")
     import gsr_plugin  # noqa: F401  (registers GSRModifier for YAML recipes)
     from datasets import Dataset
     from llmcompressor import oneshot
@@ -113,11 +125,43 @@ def quantize(
     return output
 
 
+def _quantize_optimum(model, recipe, output, *, calib_samples, calib_len, seed, data_dir, overwrite, api) -> Path:
+    from transformers import AutoTokenizer
+
+    from gsr_plugin.engines.optimum import quantize_optimum, recipe_for_optimum, save_gptq
+
+    output = Path(output)
+    if output.exists() and not overwrite:
+        raise OutputExistsError(f"{output} already exists; pass --overwrite to replace it")
+    recipe_path = resolve_recipe(recipe)
+    rotations, settings = recipe_for_optimum(str(recipe_path))  # refuses before any work
+    path = resolve_model(model)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    windows = calibration_windows(tokenizer, calib_samples, calib_len, seed, data_dir)
+    with atomic_directory(output, overwrite) as staging:
+        start = time.perf_counter()
+        quantized, quantizer = quantize_optimum(path, tokenizer, windows, settings, rotations, api=api)
+        save_gptq(quantized, quantizer, staging, tokenizer)
+        shutil.copyfile(recipe_path, staging / "recipe.yaml")
+        provenance = {
+            "model": model,
+            "model_path": str(path),
+            "recipe": str(recipe_path),
+            "engine": f"optimum ({'GPTQQuantizer' if api == 'quantizer' else 'GPTQConfig'}, gptqmodel)",
+            "gptq": settings.describe(),
+            "calibration": {"data": "wikitext2 validation", "samples": calib_samples, "seq_len": calib_len, "seed": seed},
+            "seconds": round(time.perf_counter() - start, 1),
+            "versions": _versions(),
+        }
+        (staging / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n")
+    return output
+
+
 def _versions() -> dict:
     from importlib.metadata import PackageNotFoundError, version
 
     out = {}
-    for name in ("gsr-plugin", "llmcompressor", "compressed-tensors", "transformers", "torch"):
+    for name in ("gsr-plugin", "llmcompressor", "compressed-tensors", "transformers", "torch", "optimum", "gptqmodel"):
         try:
             out[name] = version(name)
         except PackageNotFoundError:

@@ -114,9 +114,18 @@ def _quantization_summary(path: str) -> str:
     config = Path(path) / "config.json"
     if not config.is_file():
         return "unknown"
-    qconfig = json.loads(config.read_text()).get("quantization_config")
+    full = json.loads(config.read_text())
+    qconfig = full.get("quantization_config")
     if not qconfig:
         return "none"
+    if qconfig.get("quant_method") == "gptq":
+        group = qconfig.get("group_size", -1)
+        text = f"gptq w{qconfig.get('bits')}{'' if qconfig.get('sym', True) else ' asym'} "
+        text += f"g{group}" if group and group > 0 else "per-channel"
+        rotation = full.get("gsr_rotation") or (qconfig.get("meta") or {}).get("gsr_rotation")
+        if rotation:
+            text += f" + {rotation.get('modifier', 'rotation')} {rotation.get('ordering', '')}".rstrip()
+        return text
     groups = qconfig.get("config_groups") or {}
     parts = [] if groups else ["none"]
     for group in groups.values():

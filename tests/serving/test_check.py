@@ -63,6 +63,23 @@ def test_cpu_kernel_rules(tmp_path):
     assert "gsr_w8a8_gptq" in w4a8[0]
 
 
+def gptq_checkpoint(tmp_path, dims=SMOLLM2, **fields):
+    qconfig = {"quant_method": "gptq", "bits": 4, "group_size": 64, "sym": True, "format": "gptq", **fields}
+    (tmp_path / "config.json").write_text(json.dumps({**dims, "quantization_config": qconfig}))
+    return tmp_path
+
+
+def test_gptq_rules(tmp_path):
+    """vLLM 0.32 reads GPTQ as symmetric 4/8-bit; on CPU, the int4 kernel's rules."""
+    assert unservable_reasons(gptq_checkpoint(tmp_path), "cpu", kernels_of("_C")) == []
+    assert "symmetric only" in unservable_reasons(gptq_checkpoint(tmp_path, sym=False), "cuda")[0]
+    assert "3-bit GPTQ" in unservable_reasons(gptq_checkpoint(tmp_path, bits=3), "cuda")[0]
+    assert unservable_reasons(gptq_checkpoint(tmp_path, bits=8), "cuda") == []
+    assert "4-bit weights only" in unservable_reasons(gptq_checkpoint(tmp_path, bits=8), "cpu")[0]
+    assert INT4_KERNEL in unservable_reasons(gptq_checkpoint(tmp_path), "cpu", kernels_of("_C_AVX2"))[0]
+    assert "divisible by 32" in unservable_reasons(gptq_checkpoint(tmp_path, dims=dict(SMOLLM2, intermediate_size=1000)))[0]
+
+
 def test_online_transforms_need_a_gpu(tmp_path):
     online = {"R4": {"type": "sequency-walsh", "apply": [{"targets": ["re:.*down_proj$"], "location": "input"}]}}
     offline = {"R1": {"type": "sequency-walsh", "apply": [{"targets": ["lm_head"], "location": "weight_input"}]}}
@@ -177,38 +194,20 @@ def calibration_data_dir(fallback):
 
 
 @pytest.fixture(scope="module")
-def small_gsr_checkpoints(default_model_dir, tmp_path_factory):
+def small_gsr_checkpoints(default_model_cut, tmp_path_factory):
     """The default model cut to 2 layers (real weights: confident predictions), then
-    GSR + GPTQ W4A16 g64, GSR + W8A8 and FRTQ (learned rotations) + W4A16 g64, through
-    `gsr quantize`'s code."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+    GSR + GPTQ W4A16 g64, GSR + W8A8 and FRTQ (learned rotations) + W4A16 g64 through
+    `gsr quantize`'s code, and GSR + gptqmodel's GPTQ W4 g64 through its Optimum engine."""
     from gsr_plugin.cli.quantize import quantize
 
     root = tmp_path_factory.mktemp("serve")
     data_dir = calibration_data_dir(root / "data")
-    model = AutoModelForCausalLM.from_pretrained(default_model_dir, dtype=torch.float32)
-    model.model.layers = model.model.layers[:2]
-    model.config.num_hidden_layers = 2
-    model.save_pretrained(root / "fp")
-    AutoTokenizer.from_pretrained(default_model_dir).save_pretrained(root / "fp")
     out = {}
     for recipe in ("gsr_w4a16_g64_gptq", "gsr_w8a8_gptq", "frtq_w4a16_g64_gptq"):
-        out[recipe] = quantize(str(root / "fp"), recipe, root / recipe, calib_samples=4, calib_len=64, data_dir=data_dir)
+        out[recipe] = quantize(str(default_model_cut), recipe, root / recipe, calib_samples=4, calib_len=64, data_dir=data_dir)
+    out["optimum_gsr_w4_g64"] = quantize(str(default_model_cut), "gsr_w4a16_g64_gptq", root / "optimum", calib_samples=4,
+                                         calib_len=64, data_dir=data_dir, engine="optimum")
     return out
-
-
-def test_without_a_vllm_environment_kernels_are_predicted(tmp_path, monkeypatch):
-    from gsr_plugin.serving.check import local_vllm_kernels
-
-    monkeypatch.delenv("GSR_VLLM_PYTHON", raising=False)
-    monkeypatch.setenv("GSR_CACHE_DIR", str(tmp_path))  # nothing built there
-    kernels = local_vllm_kernels()
-    assert kernels.source == "predicted" and "predicted" in kernels.describe()
-    assert not (tmp_path / "vllm").exists() and list(tmp_path.iterdir()) == []  # nothing was built
-    monkeypatch.setenv("GSR_VLLM_CPU_ISA", "avx2")
-    assert not local_vllm_kernels().has(INT4_KERNEL)
 
 
 def cpu_has_avx512() -> bool:
@@ -289,7 +288,7 @@ def vllm_result(small_gsr_checkpoints, native_kernels):
     return get
 
 
-@pytest.mark.parametrize("recipe", ["gsr_w4a16_g64_gptq", "gsr_w8a8_gptq", "frtq_w4a16_g64_gptq"])
+@pytest.mark.parametrize("recipe", ["gsr_w4a16_g64_gptq", "gsr_w8a8_gptq", "frtq_w4a16_g64_gptq", "optimum_gsr_w4_g64"])
 def test_vllm_agrees_with_transformers(small_gsr_checkpoints, vllm_result, recipe):
     path, result = small_gsr_checkpoints[recipe], vllm_result(recipe)
     hf = run_transformers(str(path), "float32", result, 8, noise_dtype="bfloat16")
