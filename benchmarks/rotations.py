@@ -11,6 +11,8 @@ suite); ``tables`` turns them into Markdown and plots.
     python benchmarks/rotations.py online --out docs/results        # W4A4, W2A4, KV4 with R4
     python benchmarks/rotations.py frtq --out docs/results          # FRTQ at W3A16 g64, full test stream
     python benchmarks/rotations.py frtq_more --out docs/results     # FRTQ at W4A4KV4, W4A4 (R4), W4 per-channel
+    python benchmarks/rotations.py lowrank --out docs/results       # low-rank path: W2/W3 x ranks x methods, equal storage
+    python benchmarks/rotations.py engines --out docs/results       # llm-compressor GPTQ vs gptqmodel GPTQ (Optimum)
     python benchmarks/rotations.py tables --out docs/results
 
 Suites list their runs in priority order; ``--limit N`` runs the first N.
@@ -113,19 +115,48 @@ def frtq_suite() -> list[RecipeSetting]:
 
 
 def frtq_more_suite() -> list[RecipeSetting]:
-    """The same rotations at W4A4 with a 4-bit KV cache and the online R4, W4A4 with
-    R4 alone, and W4A16 per channel (20 windows)."""
+    """W4A4 with a 4-bit KV cache and the online R4 (all six rotations), then W4A4 with
+    R4 alone and W4A16 per channel (the four that separate: FRTQ from GSR and from a
+    random start, GSR, none); 20 windows."""
     w4a4 = dict(symmetric=False, activation_bits=4, online_r4=True)
+    short = ["frtq", "gsr", "none", "frtq_random"]
     return (
         [RecipeSetting(m, 4, 64, kv_bits=4, **w4a4) for m in FRTQ_METHODS]
-        + [RecipeSetting(m, 4, 64, **w4a4) for m in FRTQ_METHODS]
-        + [RecipeSetting(m, 4, None, symmetric=False) for m in FRTQ_METHODS]
+        + [RecipeSetting(m, 4, 64, **w4a4) for m in short]
+        + [RecipeSetting(m, 4, None, symmetric=False) for m in short]
     )
 
 
+def lowrank_suite() -> list[RecipeSetting]:
+    """The low-rank path after GSR: W2 and W3 asymmetric g64 with ranks 0/8/16/32, the
+    plain SVD split and the activation-aware one; then the equal-storage references
+    (W4 per channel: 4.03 bits per weight, as W3 g64 + rank 16; W4 g64: 4.31), and
+    W4A4KV4 with R4 and per-channel weights as FRTQ uses it, with and without rank 16."""
+    out = []
+    for bits in (2, 3):
+        out.append(RecipeSetting("gsr", bits, 64, symmetric=False))
+        for rank in (8, 16, 32):
+            for method in ("svd", "activation"):
+                out.append(RecipeSetting("gsr", bits, 64, symmetric=False, rank=rank, lowrank=method))
+    out += [RecipeSetting("gsr", 4, None, symmetric=False), RecipeSetting("gsr", 4, 64, symmetric=False)]
+    w4a4kv4 = dict(symmetric=False, activation_bits=4, online_r4=True, kv_bits=4)
+    out += [RecipeSetting("frtq", 4, None, **w4a4kv4), RecipeSetting("frtq", 4, None, rank=16, **w4a4kv4),
+            RecipeSetting("gsr", 4, None, rank=16, **w4a4kv4)]
+    return out
+
+
+def engines_suite() -> list[RecipeSetting]:
+    """W4 symmetric g64 (vLLM's int4 layout) after none / natural / GSR, for
+    llm-compressor's GPTQ and gptqmodel's (Optimum), side by side (``--engines``)."""
+    return [RecipeSetting(m, 4, 64) for m in ("none", "natural", "gsr")]
+
+
 SUITES = {"main": main_suite, "online": online_suite, "bits": bits_suite, "blocks": blocks_suite,
-          "activations": activations_suite, "frtq": frtq_suite, "frtq_more": frtq_more_suite}
-WINDOWS = {"main": None, "online": 20, "bits": 20, "blocks": 20, "activations": 20, "frtq": None, "frtq_more": 20}
+          "activations": activations_suite, "frtq": frtq_suite, "frtq_more": frtq_more_suite,
+          "lowrank": lowrank_suite, "engines": engines_suite}
+WINDOWS = {"main": None, "online": 20, "bits": 20, "blocks": 20, "activations": 20, "frtq": None, "frtq_more": 20,
+           "lowrank": 10, "engines": 10}
+ENGINES = {"engines": ["llmcompressor", "optimum"]}
 
 
 def run(suite: str, args) -> None:
@@ -141,6 +172,7 @@ def run(suite: str, args) -> None:
         data_dir=args.data_dir,
         command=command,
         resume=args.resume,
+        engines=ENGINES.get(suite, ["llmcompressor"]),
     )
 
 

@@ -16,11 +16,12 @@ if os.path.basename(sys.argv[0]) == "gsr" and not {"-v", "--verbose"} & set(sys.
 
 from gsr_plugin.modifiers.frtq import FRTQModifier  # noqa: E402
 from gsr_plugin.modifiers.gsr import GSRModifier, GSRRotation  # noqa: E402
+from gsr_plugin.modifiers.lowrank import LowRankModifier  # noqa: E402
 from gsr_plugin.modifiers.random import RandomRotationModifier  # noqa: E402
 from gsr_plugin.rotation import rotate  # noqa: E402
 from gsr_plugin.transform import NATURAL_WALSH, SEQUENCY_WALSH, register_transform_types  # noqa: E402
 
-__all__ = ["GSRModifier", "GSRRotation", "FRTQModifier", "RandomRotationModifier", "rotate", "SEQUENCY_WALSH", "NATURAL_WALSH", "register"]
+__all__ = ["GSRModifier", "GSRRotation", "FRTQModifier", "LowRankModifier", "RandomRotationModifier", "rotate", "SEQUENCY_WALSH", "NATURAL_WALSH", "register"]
 __version__ = "0.1.0"
 
 
@@ -32,6 +33,7 @@ def register() -> None:
     ModifierFactory.register("GSRModifier", GSRModifier)
     ModifierFactory.register("RandomRotationModifier", RandomRotationModifier)
     ModifierFactory.register("FRTQModifier", FRTQModifier)
+    ModifierFactory.register("LowRankModifier", LowRankModifier)
 
 
 register()

@@ -22,7 +22,9 @@ from compressed_tensors.transform import TransformConfig, TransformFactory
 from compressed_tensors.transform.apply import _register_tied_transform_weights
 from compressed_tensors.transform.factory.base import TransformBase
 
-__all__ = ["online_transform_config", "load_with_online_transforms", "attach_online_transforms"]
+__all__ = ["online_transform_config", "load_with_online_transforms", "attach_online_transforms", "ADAPTER_DIR"]
+
+ADAPTER_DIR = "lora"  # LowRankModifier's PEFT adapter, beside the checkpoint
 
 
 def online_transform_config(config: dict | TransformConfig | None) -> TransformConfig | None:
@@ -82,7 +84,9 @@ def attach_online_transforms(model: torch.nn.Module, checkpoint: str | Path) -> 
 
 def load_with_online_transforms(checkpoint: str | Path, dtype="auto", **kwargs):
     """``AutoModelForCausalLM.from_pretrained`` plus the checkpoint's online
-    transforms: the saved model computes what it computed before saving.
+    transforms and its low-rank adapter (``lora/``, through PEFT, kept unmerged: the
+    adapter runs in 16-bit beside the quantized layer): the saved model computes what
+    it computed before saving.
 
     A rotation-only checkpoint (transforms, no quantization) has a
     ``quantization_config`` without ``config_groups``, which transformers 5's
@@ -96,6 +100,17 @@ def load_with_online_transforms(checkpoint: str | Path, dtype="auto", **kwargs):
         config = AutoConfig.from_pretrained(checkpoint)
         del config.quantization_config
         kwargs["config"] = config
+    adapter = Path(checkpoint) / ADAPTER_DIR
+    has_adapter = (adapter / "adapter_config.json").is_file()
+    if has_adapter and qconfig.get("quant_method") == "compressed-tensors" and not rotation_only:
+        from transformers import CompressedTensorsConfig
+
+        # PEFT wraps Linear.weight: decompress (a packed checkpoint otherwise stays packed)
+        kwargs.setdefault("quantization_config", CompressedTensorsConfig(run_compressed=False))
     model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=dtype, **kwargs)
     attach_online_transforms(model, checkpoint)
+    if has_adapter:  # the low-rank path (LowRankModifier), unmerged
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adapter))
     return model

@@ -17,6 +17,7 @@ from tqdm import tqdm
 from gsr_plugin.eval.data import calibration_windows, find_data_dir, wikitext2_test_text
 from gsr_plugin.eval.models import resolve_model
 from gsr_plugin.eval.perplexity import perplexity
+from gsr_plugin.eval.size import bits_per_weight
 from gsr_plugin.cli.recipes import METHODS, RecipeSetting, recipe_yaml
 
 __all__ = ["CompareSettings", "DEFAULT_METHODS", "compare", "run_settings", "run_key", "markdown_table", "plot"]
@@ -42,6 +43,8 @@ class CompareSettings:
     ppl_windows: int | None = 10
     data_dir: str | None = None
     engines: list[str] = field(default_factory=lambda: ["llmcompressor"])
+    ranks: list[int] = field(default_factory=lambda: [0])
+    lowrank: str = "svd"
 
     def __post_init__(self):
         unknown = [m for m in self.methods if m not in METHODS]
@@ -57,9 +60,11 @@ def compare(settings: CompareSettings, out_dir: str | Path, command: str | None 
     run, then the table and the plot."""
     out_dir = Path(out_dir)
     runs = [
-        RecipeSetting(method, bits, settings.group_size, settings.symmetric, block_size=settings.block_size)
+        RecipeSetting(method, bits, settings.group_size, settings.symmetric, block_size=settings.block_size,
+                      rank=rank, lowrank=settings.lowrank)
         for bits in settings.bits
         for method in settings.methods
+        for rank in settings.ranks
     ]
     report = run_settings(
         settings.model,
@@ -125,7 +130,8 @@ def run_settings(
         fp = previous["fp"]
     else:
         fp = perplexity(load(), stream, max_windows=ppl_windows, progress=False).to_dict()
-    head_dim = head_dim_of(AutoConfig.from_pretrained(path))
+    model_config = AutoConfig.from_pretrained(path)
+    head_dim = head_dim_of(model_config)
     report = {
         "command": command or "gsr " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
         "protocol": protocol,
@@ -167,6 +173,10 @@ def run_settings(
                 "online_r4": setting.online_r4,
                 "r4_block_size": setting.r4_block_size,
                 "kv_bits": setting.kv_bits,
+                "rank": setting.rank,
+                "lowrank": setting.lowrank if setting.rank else None,
+                "bits_per_weight": round(bits_per_weight(model_config, setting.weight_bits, setting.group_size,
+                                                         setting.symmetric, setting.rank), 4),
                 "ppl": result.ppl,
                 "windows": result.windows,
                 "quantize_seconds": round(seconds, 1),
@@ -196,7 +206,8 @@ def _quantize_with_optimum(path, tokenizer, windows, recipe: str):
 
 
 def _row(run: dict, engines: set) -> str:
-    return run["method"] if len(engines) < 2 else f"{run['method']} ({run.get('engine', 'llmcompressor')})"
+    row = run["method"] + (f" + rank {run['rank']} {run['lowrank']}" if run.get("rank") else "")
+    return row if len(engines) < 2 else f"{row} ({run.get('engine', 'llmcompressor')})"
 
 
 def _fmt(ppl: float) -> str:
@@ -224,6 +235,13 @@ def markdown_table(report: dict) -> str:
     ]
     for method in methods:
         lines.append(f"| {method} | " + " | ".join(_fmt(ppl.get((method, b), float("nan"))) for b in bits) + " |")
+    if any(r.get("rank") for r in report["runs"]):
+        lines += ["", "Bits per weight of the decoder linears (weights, 16-bit scales, zero points, 16-bit low-rank factors):",
+                  "", "| method | " + " | ".join(f"W{b}" for b in bits) + " |", "|---|" + "---|" * len(bits)]
+        bpw = {(_row(r, engines), r["bits"]): r.get("bits_per_weight") for r in report["runs"]}
+        for method in methods:
+            lines.append(f"| {method} | " + " | ".join(
+                f"{bpw[(method, b)]:.2f}" if bpw.get((method, b)) else "" for b in bits) + " |")
     described = dict.fromkeys(r["method"] for r in report["runs"])
     lines += ["", "Methods: " + "; ".join(f"`{m}`: {METHODS[m]}" for m in described) + "."]
     if len(engines) > 1:

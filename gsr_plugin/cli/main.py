@@ -119,6 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--calib-len", type=int, default=512)
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--ppl-windows", type=_windows, default=10, help="first N windows (default 10), or 'all'")
+    c.add_argument("--ranks", type=_int_list, default=[0],
+                   help="LowRankModifier ranks before GPTQ, e.g. 0,8,16 (0: none); rows per rank")
+    c.add_argument("--lowrank", choices=["svd", "activation"], default="svd", help="the low-rank split (with --ranks)")
     c.add_argument("--engines", default="llmcompressor",
                    help="comma-separated: llmcompressor (oneshot's GPTQ), optimum (gsr_plugin.rotate + gptqmodel's GPTQ)")
     c.add_argument("--out", default="compare-out", help="directory for compare.md, compare.png, compare.json")
@@ -253,6 +256,8 @@ def cmd_compare(args) -> int:
         ppl_windows=args.ppl_windows,
         data_dir=args.data_dir,
         engines=[e for e in args.engines.split(",") if e],
+        ranks=args.ranks,
+        lowrank=args.lowrank,
     )
     _say(f"comparing {len(settings.methods)} methods x {len(settings.bits)} bit widths on {settings.model}")
     compare(settings, args.out)

@@ -58,6 +58,8 @@ class RecipeSetting:
     :param r4_block_size: R4 block (GSRModifier; None = its default)
     :param kv_bits: quantize the KV cache to this many bits (int, per attention head,
         static scales from calibration); None = 16-bit cache
+    :param rank: LowRankModifier's rank between the rotation and GPTQ (0: none)
+    :param lowrank: its method, ``svd`` or ``activation``
     """
 
     method: str = "gsr"
@@ -69,8 +71,12 @@ class RecipeSetting:
     online_r4: bool = False
     r4_block_size: int | None = None
     kv_bits: int | None = None
+    rank: int = 0
+    lowrank: str = "svd"
 
     def __post_init__(self):
+        if self.lowrank not in ("svd", "activation"):
+            raise ValueError(f"lowrank must be 'svd' or 'activation', not {self.lowrank!r}")
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; choose from {', '.join(METHODS)}")
         if self.activation_bits not in (4, 8, 16):
@@ -84,7 +90,8 @@ class RecipeSetting:
         asym = "" if self.symmetric else "_asym"
         kv = f"kv{self.kv_bits}" if self.kv_bits else ""
         r4 = ("_r4" + (f"b{self.r4_block_size}" if self.r4_block_size else "")) if self.online_r4 else ""
-        return f"{self.method}_w{self.weight_bits}a{self.activation_bits}{kv}{group}{asym}{r4}_gptq"
+        lr = (f"_lr{self.rank}" + ("a" if self.lowrank == "activation" else "")) if self.rank else ""
+        return f"{self.method}_w{self.weight_bits}a{self.activation_bits}{kv}{group}{asym}{r4}{lr}_gptq"
 
     @property
     def description(self) -> str:
@@ -97,6 +104,8 @@ class RecipeSetting:
         )
         kv = f", int{self.kv_bits} KV cache" if self.kv_bits else ""
         r4 = " (with the online R4 rotation at down_proj's input)" if self.online_r4 else ""
+        if self.rank:
+            r4 += f", a rank-{self.rank} 16-bit path ({self.lowrank}; LowRankModifier, only the residual quantized)"
         return f"{METHODS[self.method]}{r4}; then GPTQ int{self.weight_bits} {kind} weights in {group}, {acts}{kv}"
 
 
@@ -150,6 +159,8 @@ def build_recipe(setting: RecipeSetting, head_dim: int | None = None) -> dict:
             if head_dim is None:
                 raise ValueError("SpinQuant needs an explicit block: pass head_dim or set block_size")
             fields["transform_block_size"] = head_dim
+    if setting.rank:
+        modifiers["LowRankModifier"] = {"rank": setting.rank, "method": setting.lowrank}
     modifiers["GPTQModifier"] = {"ignore": ["lm_head"], "config_groups": {"group_0": scheme}}
     if setting.kv_bits:
         modifiers["GPTQModifier"]["kv_cache_scheme"] = {
@@ -186,6 +197,11 @@ def shipped_settings() -> list[RecipeSetting]:
     for method in ("none", "hadamard", "random_hadamard", "gsr", "gsr_random"):
         for bits in (2, 3, 4):
             settings.append(RecipeSetting(method, bits, 64, symmetric=False))
+    settings += [  # a rank-16 16-bit path beside W4 (vLLM serves it with LoRA) and W3/W2
+        RecipeSetting("gsr", 4, 64, rank=16),
+        RecipeSetting("gsr", 3, 64, symmetric=False, rank=16, lowrank="activation"),
+        RecipeSetting("gsr", 2, 64, symmetric=False, rank=32, lowrank="activation"),
+    ]
     settings += [  # FRTQ: learned rotations (docs/results.md)
         RecipeSetting("frtq", 4, 64),  # serves: vLLM WNA16, as gsr_w4a16_g64_gptq
         RecipeSetting("frtq", 3, 64, symmetric=False),
@@ -233,7 +249,7 @@ def setting_from_name(name: str) -> RecipeSetting:
     """Inverse of ``RecipeSetting.name`` (for tests and tables)."""
     pattern = (
         r"(?P<m>[a-z_]+?)_w(?P<w>\d+)a(?P<a>\d+)(?:kv(?P<kv>\d+))?(?:_g(?P<g>\d+)|(?P<ch>_ch))?"
-        r"(?P<asym>_asym)?(?P<r4>_r4(?:b(?P<r4b>\d+))?)?_gptq$"
+        r"(?P<asym>_asym)?(?P<r4>_r4(?:b(?P<r4b>\d+))?)?(?:_lr(?P<lr>\d+)(?P<lra>a)?)?_gptq$"
     )
     match = re.fullmatch(pattern, name)
     if not match:
@@ -247,6 +263,8 @@ def setting_from_name(name: str) -> RecipeSetting:
         online_r4=match["r4"] is not None,
         r4_block_size=int(match["r4b"]) if match["r4b"] else None,
         kv_bits=int(match["kv"]) if match["kv"] else None,
+        rank=int(match["lr"]) if match["lr"] else 0,
+        lowrank="activation" if match["lra"] else "svd",
     )
 
 

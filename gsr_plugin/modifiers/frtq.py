@@ -15,7 +15,6 @@ through the network (as DartQuant, NeurIPS 2025, does).
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 from pathlib import Path
@@ -32,6 +31,7 @@ from tqdm import tqdm
 from gsr_plugin.learn.frtq import FRTQProblem, Grid, LayerWeights, LearnResult, learn_rotations
 from gsr_plugin.modifiers.gsr import GSRModifier
 from gsr_plugin.rotation import head_dim_of
+from gsr_plugin.saving import write_beside_checkpoint
 from gsr_plugin.transform import LEARNED_ORTHOGONAL, LearnedRotationFactory
 from gsr_plugin.walsh import grouped_rotation, walsh_matrix
 
@@ -224,7 +224,7 @@ class FRTQModifier(GSRModifier):
                 f"in {result.steps} steps ({result.seconds:.1f}s); exact ratios "
                 + ", ".join(f"{k} {result.before[k]:.3f} -> {result.after[k]:.3f}" for k in result.before)
             )
-        _save_rotations_with_model(model, self)
+        write_beside_checkpoint(model, "frtq", lambda directory: save_rotations(directory, self))
 
     def _factory(self, name: str, scheme: TransformScheme, index: int) -> TransformFactory:
         if name == "R1" and self._r1 is not None:
@@ -453,22 +453,3 @@ def load_rotations(directory: str | Path, rotations: list[str], r1_block: int, l
             raise ValueError(f"{path}: R2 was learned for layers {names[:2]}..., not this model's {layers[:2]}...")
         r2 = dict(zip(names, tensors["R2"].to(torch.float64).unbind(0)))
     return r1, r2
-
-
-def _save_rotations_with_model(model: torch.nn.Module, modifier: FRTQModifier) -> None:
-    """Make ``model.save_pretrained(dir)`` (llm-compressor's, which oneshot calls with
-    its output_dir) also write the rotations beside the checkpoint."""
-    save = model.save_pretrained
-    if getattr(save, "_frtq_modifier", None) is not None:
-        save._frtq_modifier = modifier
-        return
-
-    @functools.wraps(save)
-    def save_pretrained(save_directory, *args, **kwargs):
-        result = save(save_directory, *args, **kwargs)
-        save_rotations(save_directory, save_pretrained._frtq_modifier)
-        return result
-
-    save_pretrained._frtq_modifier = modifier
-    save_pretrained._overridden = getattr(save, "_overridden", False)
-    model.save_pretrained = save_pretrained

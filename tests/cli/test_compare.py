@@ -71,3 +71,16 @@ def test_resume_keeps_finished_runs_and_redoes_nothing(tiny_checkpoints, small_d
     monkeypatch.setattr(llmcompressor, "oneshot", lambda *a, **k: pytest.fail("a finished run was repeated"))
     again = run_settings(str(tiny_checkpoints["llama"]), settings, tmp_path / "r.json", resume=True, **kwargs)
     assert again["runs"] == first["runs"]
+
+
+def test_low_rank_rows_sit_in_the_same_table(tiny_checkpoints, small_data, tmp_path):
+    settings = CompareSettings(
+        model=str(tiny_checkpoints["llama"]), bits=[3], methods=["gsr"], group_size=32, ranks=[0, 8],
+        calib_samples=2, calib_len=32, ppl_windows=1, data_dir=str(small_data),
+    )
+    report = compare(settings, tmp_path, command="gsr compare (test)")
+    assert [(r["method"], r["rank"]) for r in report["runs"]] == [("gsr", 0), ("gsr", 8)]
+    assert report["runs"][1]["recipe"] == "gsr_w3a16_g32_asym_lr8_gptq"
+    assert report["runs"][1]["bits_per_weight"] > report["runs"][0]["bits_per_weight"]
+    table = (tmp_path / "compare.md").read_text()
+    assert "| gsr + rank 8 svd |" in table and "Bits per weight" in table
