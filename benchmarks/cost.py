@@ -7,7 +7,9 @@
 3. GSR (R1+R2, data-free) against GPTQ W4A16 g64 on the default model;
 4. peak memory while applying GSR against the model's size;
 5. FRTQ (learned R1+R2 with R4, for a W4A4 g64 grid: caching activations + learning +
-   fusing) against GPTQ W4A16 g64, and its peak memory (``--only frtq`` runs this alone).
+   fusing) against GPTQ W4A16 g64, and its peak memory (``--only frtq`` runs this alone);
+6. the low-rank path ``L (R x)`` against the layer's matmul, on the default model's
+   shapes, as transformers runs them (float32, the weight dequantized) (``--only lowrank``).
 
     python benchmarks/cost.py --out docs/results
 """
@@ -67,6 +69,41 @@ def online_r4_overhead(tokens: int = 2048) -> list[dict]:
     return out
 
 
+def lowrank_overhead(tokens: int = 2048) -> list[dict]:
+    """``F.linear(F.linear(x, R), L)`` against ``F.linear(x, W)`` for SmolLM2's q_proj
+    (576 -> 576), gate_proj (576 -> 1536) and down_proj (1536 -> 576)."""
+    out = []
+    for name, (n_out, n_in) in {"q_proj": (576, 576), "gate_proj": (1536, 576), "down_proj": (576, 1536)}.items():
+        x, w = torch.randn(tokens, n_in), torch.randn(n_out, n_in)
+        t_matmul = best_of(lambda: torch.nn.functional.linear(x, w))
+        for rank in (8, 16, 32):
+            left, right = torch.randn(n_out, rank), torch.randn(rank, n_in)
+            t = best_of(lambda: torch.nn.functional.linear(torch.nn.functional.linear(x, right), left))
+            out.append({"layer": name, "rank": rank, "lowrank_ms": t * 1e3, "matmul_ms": t_matmul * 1e3,
+                        "overhead": t / t_matmul})
+    return out
+
+
+def vllm_lora_overhead(checkpoint: str, repeats: int = 3) -> dict:
+    """vLLM's greedy generation time (3 prompts x 64 tokens) with the checkpoint's LoRA
+    adapter against the same residual checkpoint without it (a copy without ``lora/``),
+    alternating, best of ``repeats``: the low-rank path's cost in vLLM."""
+    import shutil
+    import tempfile
+
+    from gsr_plugin.serving.check import PROMPTS, REFERENCES, run_vllm
+
+    with tempfile.TemporaryDirectory() as work:
+        bare = Path(work) / "bare"
+        shutil.copytree(checkpoint, bare, ignore=shutil.ignore_patterns("lora"))
+        times = {"lora": [], "bare": []}
+        for _ in range(repeats):
+            for name, path in (("lora", checkpoint), ("bare", str(bare))):
+                times[name].append(run_vllm(path, "bfloat16", PROMPTS, REFERENCES[:1], 64)["generate_seconds"])
+    return {"checkpoint": checkpoint, "lora_seconds": min(times["lora"]), "bare_seconds": min(times["bare"]),
+            "overhead": min(times["lora"]) / min(times["bare"]), "tokens": "3 prompts x 64 greedy tokens"}
+
+
 class PeakRSS:
     """Samples the process's resident memory in a thread; ``peak`` above ``start``."""
 
@@ -92,22 +129,29 @@ class PeakRSS:
         self.thread.join()
 
 
-def gsr_vs_gptq(calib_samples: int, calib_len: int) -> dict:
+def _default_model_and_data(calib_samples: int, calib_len: int):
+    """(tokenizer, calibration Dataset, float32 default model, its bytes)."""
     from datasets import Dataset
-    from llmcompressor import oneshot
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from gsr_plugin import GSRModifier
     from gsr_plugin.eval.data import calibration_windows
     from gsr_plugin.eval.models import resolve_model
-    from gsr_plugin.cli.recipes import RecipeSetting, recipe_yaml
 
     path = resolve_model("default")
     tokenizer = AutoTokenizer.from_pretrained(path)
     windows = calibration_windows(tokenizer, calib_samples, calib_len)
     data = Dataset.from_dict({"input_ids": windows.tolist(), "attention_mask": torch.ones_like(windows).tolist()})
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    return tokenizer, data, model, sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def gsr_vs_gptq(calib_samples: int, calib_len: int) -> dict:
+    from llmcompressor import oneshot
+
+    from gsr_plugin import GSRModifier
+    from gsr_plugin.cli.recipes import RecipeSetting, recipe_yaml
+
+    tokenizer, data, model, model_bytes = _default_model_and_data(calib_samples, calib_len)
     with PeakRSS() as memory:
         start = time.perf_counter()
         oneshot(model=model, recipe=[GSRModifier()])
@@ -128,21 +172,12 @@ def gsr_vs_gptq(calib_samples: int, calib_len: int) -> dict:
 def frtq_vs_gptq(calib_samples: int, calib_len: int) -> dict:
     """FRTQ as shipped (frtq_w4a4kv4_g64_asym_r4_gptq's defaults: 100 steps, 256 tokens
     per input), then GPTQ W4A16 g64 alone, on the same calibration set."""
-    from datasets import Dataset
     from llmcompressor import oneshot
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from gsr_plugin import FRTQModifier
     from gsr_plugin.cli.recipes import RecipeSetting, recipe_yaml
-    from gsr_plugin.eval.data import calibration_windows
-    from gsr_plugin.eval.models import resolve_model
 
-    path = resolve_model("default")
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    windows = calibration_windows(tokenizer, calib_samples, calib_len)
-    data = Dataset.from_dict({"input_ids": windows.tolist(), "attention_mask": torch.ones_like(windows).tolist()})
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    tokenizer, data, model, model_bytes = _default_model_and_data(calib_samples, calib_len)
     frtq = FRTQModifier(rotations=["R1", "R2", "R4"], weight_bits=4, weight_group_size=64, weight_symmetric=False,
                         activation_bits=4)
     with PeakRSS() as memory:
@@ -181,6 +216,16 @@ def tables(report: dict) -> str:
                   f"GSR / GPTQ = {g['gsr_over_gptq']:.3f}. Peak extra memory while applying GSR "
                   f"{g['gsr_peak_extra_bytes'] / 2**20:.0f} MiB = {g['gsr_peak_extra_over_model']:.2f} x the "
                   f"model's {g['model_bytes'] / 2**20:.0f} MiB of float32 weights."]
+    low = report.get("lowrank")
+    if low:
+        lines += ["", "| layer (2048 tokens) | rank | L(Rx) ms | x W^T ms | overhead |", "|---|---|---|---|---|"]
+        for r in low:
+            lines.append(f"| {r['layer']} | {r['rank']} | {r['lowrank_ms']:.2f} | {r['matmul_ms']:.2f} | {r['overhead']:.3f} |")
+    v = report.get("vllm_lora")
+    if v:
+        lines += ["", f"vLLM ({v['tokens']}, best of 3): with the LoRA adapter {v['lora_seconds']:.2f} s, the same "
+                  f"residual checkpoint without it {v['bare_seconds']:.2f} s: overhead {v['overhead']:.2f} x "
+                  f"(`{v['checkpoint']}`)."]
     f = report.get("frtq_vs_gptq")
     if f:
         lines += ["", f"FRTQ ({f['frtq']}) {f['frtq_seconds']:.1f} s, of which learning {f['frtq_learning_seconds']:.1f} s; "
@@ -196,13 +241,21 @@ if __name__ == "__main__":
     parser.add_argument("--calib-samples", type=int, default=128)
     parser.add_argument("--calib-len", type=int, default=512)
     parser.add_argument("--skip-model", action="store_true", help="only the transform timings")
-    parser.add_argument("--only", choices=["frtq"], default=None, help="run this part alone (kept with the others in cost.json)")
+    parser.add_argument("--lora-checkpoint", default=None,
+                        help="with --only lowrank: also time vLLM with this checkpoint's adapter against without")
+    parser.add_argument("--only", choices=["frtq", "lowrank"], default=None,
+                        help="run this part alone (kept with the others in cost.json)")
     args = parser.parse_args()
     out = Path(args.out)
     command = "python benchmarks/cost.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    if args.only == "frtq":
+    if args.only:
         report = json.loads((out / "cost.json").read_text()) if (out / "cost.json").is_file() else {}
-        report["frtq_vs_gptq"] = {**frtq_vs_gptq(args.calib_samples, args.calib_len), "command": command}
+        if args.only == "frtq":
+            report["frtq_vs_gptq"] = {**frtq_vs_gptq(args.calib_samples, args.calib_len), "command": command}
+        else:
+            report["lowrank"] = lowrank_overhead()
+            if args.lora_checkpoint:
+                report["vllm_lora"] = vllm_lora_overhead(args.lora_checkpoint)
         report.setdefault("command", command)
         report.setdefault("threads", torch.get_num_threads())
     else:
@@ -211,6 +264,7 @@ if __name__ == "__main__":
         if not args.skip_model:
             report["gsr_vs_gptq"] = gsr_vs_gptq(args.calib_samples, args.calib_len)
             report["frtq_vs_gptq"] = frtq_vs_gptq(args.calib_samples, args.calib_len)
+        report["lowrank"] = lowrank_overhead()
     out.mkdir(parents=True, exist_ok=True)
     (out / "cost.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "cost.md").write_text(tables(report))

@@ -115,40 +115,38 @@ def frtq_suite() -> list[RecipeSetting]:
 
 
 def frtq_more_suite() -> list[RecipeSetting]:
-    """W4A4 with a 4-bit KV cache and the online R4 (all six rotations), then W4A4 with
-    R4 alone and W4A16 per channel (the four that separate: FRTQ from GSR and from a
-    random start, GSR, none); 20 windows."""
+    """W4A4 with a 4-bit KV cache and the online R4, W4A4 with R4 alone, and W4A16 per
+    channel, for the rotations that separate there (20 windows; fewer than the main
+    setting's six, to fit the CPU budget: see docs/results.md)."""
     w4a4 = dict(symmetric=False, activation_bits=4, online_r4=True)
-    short = ["frtq", "gsr", "none", "frtq_random"]
     return (
-        [RecipeSetting(m, 4, 64, kv_bits=4, **w4a4) for m in FRTQ_METHODS]
-        + [RecipeSetting(m, 4, 64, **w4a4) for m in short]
-        + [RecipeSetting(m, 4, None, symmetric=False) for m in short]
+        [RecipeSetting(m, 4, 64, kv_bits=4, **w4a4) for m in ("frtq", "gsr", "none", "frtq_random")]
+        + [RecipeSetting(m, 4, 64, **w4a4) for m in ("frtq", "gsr")]
+        + [RecipeSetting(m, 4, None, symmetric=False) for m in ("frtq", "gsr", "none")]
     )
 
 
 def lowrank_suite() -> list[RecipeSetting]:
-    """The low-rank path after GSR: W2 and W3 asymmetric g64 with ranks 0/8/16/32, the
-    plain SVD split and the activation-aware one; then the equal-storage references
-    (W4 per channel: 4.03 bits per weight, as W3 g64 + rank 16; W4 g64: 4.31), and
+    """The low-rank path after GSR: W2 and W3 asymmetric g64 without it, with rank 16
+    (SVD and activation-aware splits) and rank 32 (activation-aware); the
+    equal-storage reference W4 per channel (4.03 bits per weight, as W3 g64 + rank 16);
     W4A4KV4 with R4 and per-channel weights as FRTQ uses it, with and without rank 16."""
     out = []
     for bits in (2, 3):
         out.append(RecipeSetting("gsr", bits, 64, symmetric=False))
-        for rank in (8, 16, 32):
-            for method in ("svd", "activation"):
-                out.append(RecipeSetting("gsr", bits, 64, symmetric=False, rank=rank, lowrank=method))
-    out += [RecipeSetting("gsr", 4, None, symmetric=False), RecipeSetting("gsr", 4, 64, symmetric=False)]
+        out.append(RecipeSetting("gsr", bits, 64, symmetric=False, rank=16, lowrank="svd"))
+        out.append(RecipeSetting("gsr", bits, 64, symmetric=False, rank=16, lowrank="activation"))
+        out.append(RecipeSetting("gsr", bits, 64, symmetric=False, rank=32, lowrank="activation"))
+    out.append(RecipeSetting("gsr", 4, None, symmetric=False))
     w4a4kv4 = dict(symmetric=False, activation_bits=4, online_r4=True, kv_bits=4)
-    out += [RecipeSetting("frtq", 4, None, **w4a4kv4), RecipeSetting("frtq", 4, None, rank=16, **w4a4kv4),
-            RecipeSetting("gsr", 4, None, rank=16, **w4a4kv4)]
+    out += [RecipeSetting("frtq", 4, None, **w4a4kv4), RecipeSetting("frtq", 4, None, rank=16, lowrank="activation", **w4a4kv4)]
     return out
 
 
 def engines_suite() -> list[RecipeSetting]:
-    """W4 symmetric g64 (vLLM's int4 layout) after none / natural / GSR, for
+    """W4 symmetric g64 (vLLM's int4 layout) after none and GSR, for
     llm-compressor's GPTQ and gptqmodel's (Optimum), side by side (``--engines``)."""
-    return [RecipeSetting(m, 4, 64) for m in ("none", "natural", "gsr")]
+    return [RecipeSetting(m, 4, 64) for m in ("none", "gsr")]
 
 
 SUITES = {"main": main_suite, "online": online_suite, "bits": bits_suite, "blocks": blocks_suite,
@@ -284,6 +282,27 @@ def plot_blocks(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def _setting_column(run: dict) -> str:
+    acts = "" if run["activation_bits"] == 16 else f"A{run['activation_bits']}"
+    kv = f"KV{run['kv_bits']}" if run.get("kv_bits") else ""
+    group = f"g{run['group_size']}" if run["group_size"] else "per-channel"
+    return f"W{run['bits']}{acts}{kv} {group}" + (" +R4" if run.get("online_r4") else "")
+
+
+def _lowrank_row(run: dict) -> str:
+    if not run.get("rank"):
+        return f"{run['method']}, no low-rank path"
+    return f"{run['method']} + rank {run['rank']} ({run['lowrank']})"
+
+
+def _lowrank_table(report: dict) -> str:
+    lines = ["| setting | low-rank path | bits per weight | PPL |", "|---|---|---|---|"]
+    for r in report["runs"]:
+        lines.append(f"| {_setting_column(r)} | {_lowrank_row(r)} | {r.get('bits_per_weight', float('nan')):.2f} | "
+                     f"{_fmt(r['ppl'])} |")
+    return "\n".join(lines)
+
+
 def tables(out: Path) -> str:
     parts = []
     if (out / "main.json").is_file():
@@ -304,6 +323,21 @@ def tables(out: Path) -> str:
     if (out / "online.json").is_file():
         online = json.loads((out / "online.json").read_text())
         parts += ["## Activations with R4", "", _protocol(online), "", table(online, _online_row, _online_column), ""]
+    if (out / "frtq.json").is_file():
+        frtq = json.loads((out / "frtq.json").read_text())
+        parts += ["## FRTQ at W3A16 g64", "", _protocol(frtq), "", table(frtq, lambda r: r["method"]), ""]
+        plot_main(frtq, out / "frtq.png")
+    if (out / "frtq_more.json").is_file():
+        more = json.loads((out / "frtq_more.json").read_text())
+        parts += ["## FRTQ with activations and per channel", "", _protocol(more), "",
+                  table(more, lambda r: r["method"], _setting_column), ""]
+    if (out / "lowrank.json").is_file():
+        low = json.loads((out / "lowrank.json").read_text())
+        parts += ["## The low-rank path", "", _protocol(low), "", _lowrank_table(low), ""]
+    if (out / "engines.json").is_file():
+        eng = json.loads((out / "engines.json").read_text())
+        parts += ["## Engines: llm-compressor GPTQ vs gptqmodel GPTQ (Optimum)", "", _protocol(eng), "",
+                  table(eng, lambda r: r["method"], lambda r: f"{_column(r)} ({r.get('engine', 'llmcompressor')})"), ""]
     text = "\n".join(parts)
     (out / "tables.md").write_text(text)
     return text

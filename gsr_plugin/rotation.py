@@ -35,6 +35,7 @@ from llmcompressor.modeling import fuse_norm_linears
 from llmcompressor.modifiers import Modifier
 from llmcompressor.utils import untie_word_embeddings
 
+from gsr_plugin.session import check_before_quantizers, modifiers_around
 from gsr_plugin.mappings import (
     NormMapping,
     SpinQuantMapping,
@@ -255,27 +256,9 @@ class FusedRotationModifier(Modifier, use_enum_values=True):
     def _check_recipe_order(self) -> None:
         """A quantization modifier before the rotation would compute its scales, or
         quantize, before the weights are rotated."""
-        from llmcompressor.core import active_session
-        from llmcompressor.modifiers.quantization import QuantizationMixin
-
-        recipe = getattr(active_session().lifecycle, "recipe", None)
-        modifiers = list(getattr(recipe, "modifiers", None) or [])
-        position = next((i for i, m in enumerate(modifiers) if m is self), None)
-        if position is None:
-            return
-        earlier = [type(m).__name__ for m in modifiers[:position] if isinstance(m, QuantizationMixin)]
-        if earlier:
-            name = type(self).__name__
-            raise ValueError(
-                f"{name} comes after {', '.join(earlier)} in the recipe; rotations "
-                f"must be fused before the weights are quantized. Move {name} before "
-                f"{earlier[0]}."
-            )
-        later = [
-            type(m).__name__
-            for m in modifiers[position + 1 :]
-            if type(m).__name__ in ("SpinQuantModifier", "QuIPModifier")
-        ]
+        check_before_quantizers(self, "rotations must be fused before the weights are quantized")
+        around = modifiers_around(self)
+        later = [type(m).__name__ for m in (around[1] if around else []) if type(m).__name__ in ("SpinQuantModifier", "QuIPModifier")]
         if later:
             logger.warning(
                 f"{', '.join(later)} comes after {type(self).__name__}: its rotation will be "

@@ -117,6 +117,26 @@ def default_model_cut(default_model_dir, tmp_path_factory):
     return root
 
 
+@pytest.fixture(scope="session")
+def calibration():
+    """8 random windows of 48 byte tokens: calibration data for the tiny models."""
+    from datasets import Dataset
+
+    ids = torch.randint(0, 256, (8, 48), generator=torch.Generator().manual_seed(0))
+    return Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
+
+
+def run_oneshot(model, recipe, calibration=None, **kwargs):
+    """llm-compressor's oneshot on a tiny model, with ``calibration`` when given."""
+    from llmcompressor import oneshot
+
+    data = {} if calibration is None else {
+        "dataset": calibration, "processor": byte_tokenizer(), "num_calibration_samples": 8, "max_seq_length": 48,
+    }
+    oneshot(model=model, recipe=recipe, **data, **kwargs)
+    return model
+
+
 @pytest.fixture
 def small_data(tmp_path_factory):
     """A data directory with the layout of shared/data and a few rows of each set."""

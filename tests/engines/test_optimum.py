@@ -128,8 +128,6 @@ def test_refusal_comes_before_any_work(default_model_cut, tmp_path, capsys):
 
 def test_compare_puts_the_engines_side_by_side(default_model_cut, small_data_module, tmp_path):
     from gsr_plugin.cli.compare import CompareSettings, compare
-    from gsr_plugin.engines.optimum import dequantize_to_float
-
     settings = CompareSettings(model=str(default_model_cut), bits=[4], methods=["none", "gsr"], group_size=64,
                                symmetric=True, calib_samples=4, calib_len=64, ppl_windows=1,
                                data_dir=str(small_data_module), engines=["llmcompressor", "optimum"])

@@ -7,12 +7,10 @@ import json
 import pytest
 import torch
 import yaml
-from datasets import Dataset
-from llmcompressor import oneshot
 from llmcompressor.modifiers.quantization import GPTQModifier
 from transformers import AutoModelForCausalLM
 
-from conftest import FLOAT64_MODEL_FLOOR, byte_tokenizer, logits, relative_error
+from conftest import FLOAT64_MODEL_FLOOR, logits, relative_error, run_oneshot
 from gsr_plugin import FRTQModifier, GSRModifier
 from gsr_plugin.learn.orthogonal import block_diagonal
 from gsr_plugin.modifiers.frtq import ROTATIONS_FILE
@@ -27,18 +25,7 @@ W3G32 = {"targets": ["Linear"], "weights": {"num_bits": 3, "type": "int", "symme
 GRID = {"weight_bits": 4, "weight_group_size": 32, "weight_symmetric": False, "activation_bits": 4}
 
 
-@pytest.fixture(scope="module")
-def calibration():
-    ids = torch.randint(0, 256, (8, 48), generator=torch.Generator().manual_seed(0))
-    return Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
-
-
-def run(model, recipe, calibration=None, **kwargs):
-    data = {} if calibration is None else {
-        "dataset": calibration, "processor": byte_tokenizer(), "num_calibration_samples": 8, "max_seq_length": 48,
-    }
-    oneshot(model=model, recipe=recipe, **data, **kwargs)
-    return model
+run = run_oneshot
 
 
 def state(model):

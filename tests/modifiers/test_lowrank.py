@@ -8,11 +8,9 @@ import json
 import numpy as np
 import pytest
 import torch
-from datasets import Dataset
-from llmcompressor import oneshot
 from llmcompressor.modifiers.quantization import GPTQModifier
 
-from conftest import byte_tokenizer, logits, relative_error
+from conftest import logits, relative_error, run_oneshot
 from gsr_plugin import GSRModifier, LowRankModifier
 from gsr_plugin.loading import load_with_online_transforms
 
@@ -24,17 +22,7 @@ W4A4 = {
 }
 
 
-@pytest.fixture(scope="module")
-def calibration():
-    ids = torch.randint(0, 256, (8, 48), generator=torch.Generator().manual_seed(0))
-    return Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
-
-
-def run(model, recipe, calibration=None, **kwargs):
-    data = {} if calibration is None else {
-        "dataset": calibration, "processor": byte_tokenizer(), "num_calibration_samples": 8, "max_seq_length": 48}
-    oneshot(model=model, recipe=recipe, **data, **kwargs)
-    return model
+run = run_oneshot
 
 
 @pytest.mark.parametrize("method", ["svd", "activation"])
