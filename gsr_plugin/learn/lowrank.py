@@ -23,15 +23,24 @@ __all__ = ["truncated_svd", "activation_aware", "low_rank_split", "DAMPING"]
 DAMPING = 0.01  # of the mean diagonal of H, as GPTQ's default dampening
 
 
-def _split(u: Tensor, s: Tensor, vh: Tensor, rank: int) -> tuple[Tensor, Tensor]:
-    root = s[:rank].sqrt()
-    return u[:, :rank] * root, root[:, None] * vh[:rank]
+def _top_split(matrix: Tensor, rank: int) -> tuple[Tensor, Tensor]:
+    """(U_r sqrt(s_r), sqrt(s_r) V_r^T) of the top ``rank`` singular triplets of a
+    float64 ``matrix``, from the eigendecomposition of its smaller Gram matrix (an
+    ``eigh`` of min(out, in) squared: several times faster than a full SVD on CPU)."""
+    wide = matrix.shape[0] < matrix.shape[1]
+    gram = matrix @ matrix.T if wide else matrix.T @ matrix
+    eigenvalues, vectors = torch.linalg.eigh(gram)
+    top = vectors[:, -rank:].flip(-1)  # eigh sorts ascending
+    s = eigenvalues[-rank:].flip(-1).clamp_min(0).sqrt()
+    root = s.sqrt().clamp_min(1e-300)
+    if wide:  # top = U_r; V_r^T = S_r^-1 U_r^T W
+        return top * root, (top.T @ matrix) / root[:, None]
+    return (matrix @ top) / root, root[:, None] * top.T  # top = V_r; U_r S_r = W V_r
 
 
 def truncated_svd(weight: Tensor, rank: int) -> tuple[Tensor, Tensor]:
     """(L, R) in float64 with ``L R`` the best rank-``rank`` approximation of ``weight``."""
-    u, s, vh = torch.linalg.svd(weight.double(), full_matrices=False)
-    return _split(u, s, vh, rank)
+    return _top_split(weight.double(), rank)
 
 
 def activation_aware(weight: Tensor, hessian: Tensor, rank: int, damping: float = DAMPING) -> tuple[Tensor, Tensor]:
@@ -43,8 +52,7 @@ def activation_aware(weight: Tensor, hessian: Tensor, rank: int, damping: float 
     eigenvalues = eigenvalues.clamp_min(eigenvalues.max() * 1e-12)
     root = (vectors * eigenvalues.sqrt()) @ vectors.T
     inverse_root = (vectors / eigenvalues.sqrt()) @ vectors.T
-    u, s, vh = torch.linalg.svd(weight.double() @ root, full_matrices=False)
-    left, right = _split(u, s, vh, rank)
+    left, right = _top_split(weight.double() @ root, rank)
     return left, right @ inverse_root
 
 
