@@ -127,26 +127,32 @@ def frtq_more_suite() -> list[RecipeSetting]:
 
 
 def lowrank_suite() -> list[RecipeSetting]:
-    """The low-rank path after GSR: W2 and W3 asymmetric g64 without it, with rank 16
-    (SVD and activation-aware splits) and rank 32 (activation-aware); the
-    equal-storage reference W4 per channel (4.03 bits per weight, as W3 g64 + rank 16);
-    W4A4KV4 with R4 and per-channel weights as FRTQ uses it, with and without rank 16."""
-    out = []
-    for bits in (2, 3):
-        out.append(RecipeSetting("gsr", bits, 64, symmetric=False))
-        out.append(RecipeSetting("gsr", bits, 64, symmetric=False, rank=16, lowrank="svd"))
-        out.append(RecipeSetting("gsr", bits, 64, symmetric=False, rank=16, lowrank="activation"))
-        out.append(RecipeSetting("gsr", bits, 64, symmetric=False, rank=32, lowrank="activation"))
-    out.append(RecipeSetting("gsr", 4, None, symmetric=False))
+    """The low-rank path after GSR, in priority order: W2 g64 (asymmetric) without it
+    and with ranks 16 and 32 (activation-aware split), W3 g64 without it and with rank
+    16, the equal-storage reference W4 per channel (4.03 bits per weight, as W3 g64 +
+    rank 16), then the SVD split at rank 16, W3 at rank 32, and W4A4KV4 with R4 and
+    per-channel weights as FRTQ uses it, with and without rank 16."""
+    asym = dict(symmetric=False)
     w4a4kv4 = dict(symmetric=False, activation_bits=4, online_r4=True, kv_bits=4)
-    out += [RecipeSetting("frtq", 4, None, **w4a4kv4), RecipeSetting("frtq", 4, None, rank=16, lowrank="activation", **w4a4kv4)]
-    return out
+    return [
+        RecipeSetting("gsr", 2, 64, **asym),
+        RecipeSetting("gsr", 2, 64, rank=16, lowrank="activation", **asym),
+        RecipeSetting("gsr", 2, 64, rank=32, lowrank="activation", **asym),
+        RecipeSetting("gsr", 3, 64, **asym),
+        RecipeSetting("gsr", 3, 64, rank=16, lowrank="activation", **asym),
+        RecipeSetting("gsr", 4, None, **asym),
+        RecipeSetting("gsr", 3, 64, rank=16, lowrank="svd", **asym),
+        RecipeSetting("gsr", 2, 64, rank=16, lowrank="svd", **asym),
+        RecipeSetting("gsr", 3, 64, rank=32, lowrank="activation", **asym),
+        RecipeSetting("frtq", 4, None, **w4a4kv4),
+        RecipeSetting("frtq", 4, None, rank=16, lowrank="activation", **w4a4kv4),
+    ]
 
 
 def engines_suite() -> list[RecipeSetting]:
     """W4 symmetric g64 (vLLM's int4 layout) after none and GSR, for
     llm-compressor's GPTQ and gptqmodel's (Optimum), side by side (``--engines``)."""
-    return [RecipeSetting(m, 4, 64) for m in ("none", "gsr")]
+    return [RecipeSetting(m, 4, 64) for m in ("gsr", "none")]
 
 
 SUITES = {"main": main_suite, "online": online_suite, "bits": bits_suite, "blocks": blocks_suite,
