@@ -9,7 +9,9 @@
 5. FRTQ (learned R1+R2 with R4, for a W4A4 g64 grid: caching activations + learning +
    fusing) against GPTQ W4A16 g64, and its peak memory (``--only frtq`` runs this alone);
 6. the low-rank path ``L (R x)`` against the layer's matmul, on the default model's
-   shapes, as transformers runs them (float32, the weight dequantized) (``--only lowrank``).
+   shapes, as transformers runs them (float32, the weight dequantized) (``--only lowrank``);
+7. GSR at scale: fusion time and peak memory on randomly initialized models of a 0.5B
+   Qwen2 shape and a 64-expert MoE, against GPTQ on the same shapes (``--only scale``).
 
     python benchmarks/cost.py --out docs/results
 """
@@ -20,6 +22,7 @@ import argparse
 import json
 import shlex
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -69,9 +72,13 @@ def online_r4_overhead(tokens: int = 2048) -> list[dict]:
     return out
 
 
-def lowrank_overhead(tokens: int = 2048) -> list[dict]:
+def lowrank_overhead(tokens: int = 2048, threads: int | None = None) -> list[dict]:
     """``F.linear(F.linear(x, R), L)`` against ``F.linear(x, W)`` for SmolLM2's q_proj
-    (576 -> 576), gate_proj (576 -> 1536) and down_proj (1536 -> 576)."""
+    (576 -> 576), gate_proj (576 -> 1536) and down_proj (1536 -> 576), on ``threads``
+    threads (both sides). On a loaded machine, use 1: with 2 OpenMP threads competing
+    for 2 busy cores, a rank-8 product waits ~20 ms at the barrier for 0.5 ms of work."""
+    if threads:
+        torch.set_num_threads(threads)
     out = []
     for name, (n_out, n_in) in {"q_proj": (576, 576), "gate_proj": (1536, 576), "down_proj": (576, 1536)}.items():
         x, w = torch.randn(tokens, n_in), torch.randn(n_out, n_in)
@@ -80,7 +87,7 @@ def lowrank_overhead(tokens: int = 2048) -> list[dict]:
             left, right = torch.randn(n_out, rank), torch.randn(rank, n_in)
             t = best_of(lambda: torch.nn.functional.linear(torch.nn.functional.linear(x, right), left))
             out.append({"layer": name, "rank": rank, "lowrank_ms": t * 1e3, "matmul_ms": t_matmul * 1e3,
-                        "overhead": t / t_matmul})
+                        "overhead": t / t_matmul, "threads": torch.get_num_threads()})
     return out
 
 
@@ -200,6 +207,64 @@ def frtq_vs_gptq(calib_samples: int, calib_len: int) -> dict:
     }
 
 
+SCALE_CONFIGS = {
+    # Qwen2.5-0.5B's shape (hidden 896, 24 layers, vocabulary 151,936), random weights
+    "qwen2-0.5b": dict(model_type="qwen2", hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                       num_attention_heads=14, num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
+    # a many-expert MoE: 64 experts per layer (Qwen3-MoE layout, 8 layers), vocabulary 151,936
+    "qwen3-moe-64e": dict(model_type="qwen3_moe", hidden_size=1024, intermediate_size=3072, moe_intermediate_size=256,
+                          num_experts=64, num_experts_per_tok=8, num_hidden_layers=8, num_attention_heads=16,
+                          num_key_value_heads=4, head_dim=64, vocab_size=151936, tie_word_embeddings=False),
+}
+
+
+def fusion_at_scale(name: str, gptq_layers: int = 2, calib_samples: int = 16, calib_len: int = 512) -> dict:
+    """GSR (R1+R2) on a randomly initialized model of ``SCALE_CONFIGS[name]``: time and
+    peak memory above the model. GPTQ (W4A16 g64 on random tokens) runs on a
+    ``gptq_layers``-layer cut of the same shape and is scaled to the full depth (GPTQ's
+    cost is per layer; lm_head is not quantized), which 2 CPU cores can afford."""
+    from llmcompressor import oneshot
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from gsr_plugin import rotate
+    from gsr_plugin.cli.recipes import RecipeSetting, recipe_yaml
+
+    fields = dict(SCALE_CONFIGS[name])
+    config = AutoConfig.for_model(fields.pop("model_type"), **fields)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    modules = sum(1 for m in model.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Embedding)))
+    with PeakRSS() as memory:
+        start = time.perf_counter()
+        rotate(model)
+        gsr_seconds = time.perf_counter() - start
+    del model
+    cut = AutoConfig.for_model(config.model_type, **{**fields, "num_hidden_layers": gptq_layers})
+    model = AutoModelForCausalLM.from_config(cut, dtype=torch.float32)
+    with tempfile.TemporaryDirectory() as work:  # oneshot reads the config back from disk
+        model.save_pretrained(work)
+        model = AutoModelForCausalLM.from_pretrained(work, dtype=torch.float32)
+        tokens = torch.randint(0, config.vocab_size, (calib_samples, calib_len), generator=torch.Generator().manual_seed(0))
+        from datasets import Dataset
+
+        data = Dataset.from_dict({"input_ids": tokens.tolist(), "attention_mask": torch.ones_like(tokens).tolist()})
+        start = time.perf_counter()
+        oneshot(model=model, dataset=data, recipe=recipe_yaml(RecipeSetting("none", 4, 64), 64),
+                num_calibration_samples=calib_samples, max_seq_length=calib_len)
+        gptq_cut_seconds = time.perf_counter() - start
+    gptq_seconds = gptq_cut_seconds * config.num_hidden_layers / gptq_layers
+    return {
+        "model": name, "config": SCALE_CONFIGS[name], "modules": modules, "model_bytes": model_bytes,
+        "gsr_seconds": gsr_seconds, "gsr_peak_extra_bytes": memory.peak,
+        "gsr_peak_extra_over_model": memory.peak / model_bytes,
+        "gptq_cut_layers": gptq_layers, "gptq_cut_seconds": gptq_cut_seconds,
+        "gptq_seconds_scaled": gptq_seconds, "gsr_over_gptq": gsr_seconds / gptq_seconds,
+        "gptq": f"W4A16 g64, {calib_samples} x {calib_len} random tokens, {gptq_layers}-layer cut x "
+                f"{config.num_hidden_layers / gptq_layers:g}",
+    }
+
+
 def tables(report: dict) -> str:
     lines = [f"Command: `{report['command']}` ({report['threads']} threads)", "",
              "| size | rows | copy ms | dense ms | fast ms | fast / dense | fast / copy |", "|---|---|---|---|---|---|---|"]
@@ -218,14 +283,23 @@ def tables(report: dict) -> str:
                   f"model's {g['model_bytes'] / 2**20:.0f} MiB of float32 weights."]
     low = report.get("lowrank")
     if low:
-        lines += ["", "| layer (2048 tokens) | rank | L(Rx) ms | x W^T ms | overhead |", "|---|---|---|---|---|"]
+        lines += ["", "| layer (2048 tokens) | rank | threads | L(Rx) ms | x W^T ms | overhead |", "|---|---|---|---|---|---|"]
         for r in low:
-            lines.append(f"| {r['layer']} | {r['rank']} | {r['lowrank_ms']:.2f} | {r['matmul_ms']:.2f} | {r['overhead']:.3f} |")
+            lines.append(f"| {r['layer']} | {r['rank']} | {r.get('threads', report['threads'])} | {r['lowrank_ms']:.2f} | "
+                         f"{r['matmul_ms']:.2f} | {r['overhead']:.3f} |")
     v = report.get("vllm_lora")
     if v:
         lines += ["", f"vLLM ({v['tokens']}, best of 3): with the LoRA adapter {v['lora_seconds']:.2f} s, the same "
                   f"residual checkpoint without it {v['bare_seconds']:.2f} s: overhead {v['overhead']:.2f} x "
                   f"(`{v['checkpoint']}`)."]
+    scale = report.get("scale")
+    if scale:
+        lines += ["", "| model (random weights) | modules | float32 GiB | GSR s | GSR peak extra | GPTQ s (scaled) | GSR / GPTQ |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in scale:
+            lines.append(f"| {r['model']} | {r['modules']} | {r['model_bytes'] / 2**30:.2f} | {r['gsr_seconds']:.1f} | "
+                         f"{r['gsr_peak_extra_over_model']:.2f} x model | {r['gptq_seconds_scaled']:.0f} "
+                         f"({r['gptq']}) | {r['gsr_over_gptq']:.3f} |")
     f = report.get("frtq_vs_gptq")
     if f:
         lines += ["", f"FRTQ ({f['frtq']}) {f['frtq_seconds']:.1f} s, of which learning {f['frtq_learning_seconds']:.1f} s; "
@@ -243,7 +317,9 @@ if __name__ == "__main__":
     parser.add_argument("--skip-model", action="store_true", help="only the transform timings")
     parser.add_argument("--lora-checkpoint", default=None,
                         help="with --only lowrank: also time vLLM with this checkpoint's adapter against without")
-    parser.add_argument("--only", choices=["frtq", "lowrank"], default=None,
+    parser.add_argument("--threads", type=int, default=None,
+                        help="with --only lowrank: time on this many threads (1 on a loaded machine)")
+    parser.add_argument("--only", choices=["frtq", "lowrank", "scale"], default=None,
                         help="run this part alone (kept with the others in cost.json)")
     args = parser.parse_args()
     out = Path(args.out)
@@ -252,8 +328,10 @@ if __name__ == "__main__":
         report = json.loads((out / "cost.json").read_text()) if (out / "cost.json").is_file() else {}
         if args.only == "frtq":
             report["frtq_vs_gptq"] = {**frtq_vs_gptq(args.calib_samples, args.calib_len), "command": command}
+        elif args.only == "scale":
+            report["scale"] = [{**fusion_at_scale(name), "command": command} for name in SCALE_CONFIGS]
         else:
-            report["lowrank"] = lowrank_overhead()
+            report["lowrank"] = lowrank_overhead(threads=args.threads)
             if args.lora_checkpoint:
                 report["vllm_lora"] = vllm_lora_overhead(args.lora_checkpoint)
         report.setdefault("command", command)

@@ -252,7 +252,10 @@ def grouped_walsh_transform(
         x = x * sign_vec
     if method == "auto":
         method = "dense" if block_size <= DENSE_MAX_BLOCK else "fast"
-    blocks = x.reshape(*x.shape[:-1], dim // block_size, block_size)
+    # contiguous first: a transposed weight (``W.T``, and ``.to(float64)`` keeps its
+    # strides) reshapes to a strided view that sends the block product to a generic
+    # batched kernel, 17 s instead of 20 ms for a 896 x 128 float64 slice
+    blocks = x.contiguous().reshape(*x.shape[:-1], dim // block_size, block_size)
     if method == "dense":
         y = blocks @ _cached_walsh(block_size, ordering, True, x.dtype, x.device)
     elif method == "fast":

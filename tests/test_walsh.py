@@ -152,6 +152,18 @@ def test_low_precision_error_is_relative_to_dtype(dtype, tol):
     assert err < tol, f"relative error {err:.2e} above {tol:.0e} for {dtype}"
 
 
+@pytest.mark.parametrize("method", ["fast", "dense"])
+def test_transposed_weight_slices_give_the_contiguous_result(method):
+    """Fusing at a linear's outputs rotates the columns of ``W.T``: a strided view.
+    The product equals the one on a contiguous copy (and runs the contiguous kernel:
+    the strided one took 17 s for a 896 x 128 slice, benchmarks/cost.py --only scale)."""
+    w = torch.randn(128, 896, dtype=torch.float64)
+    strided = w.T
+    assert not strided.is_contiguous()
+    expected = strided.contiguous() @ grouped_rotation(128, 64)
+    torch.testing.assert_close(grouped_walsh_transform(strided, 64, method=method), expected, atol=1e-12, rtol=0)
+
+
 def test_transform_round_trip_is_identity():
     x = torch.randn(4, 576, dtype=torch.float64)
     signs = random_signs(64, torch.Generator().manual_seed(1))
