@@ -19,6 +19,8 @@ __all__ = [
     "SpinQuantMapping",
     "NormMapping",
     "SUPPORTED_MODEL_TYPES",
+    "UNSUPPORTED_MODEL_TYPES",
+    "UNSUPPORTED_ROTATIONS",
     "resolve_mappings",
     "check_rms_norms",
 ]
@@ -47,7 +49,45 @@ _DECODER_NORMS = [
     NormMapping(norm="re:^model.norm$", linears=["lm_head"]),
 ]
 
-# model_type -> (rotation mapping, norm mappings). All four share LLaMA's module
+# Mixture of experts, with the experts linearized (llm-compressor's ``linearize_moe``,
+# which oneshot runs and GSR runs for ``rotate``): every expert's gate/up read the
+# stream and its down_proj writes it; so do a shared expert and a dense MLP (layers
+# without experts); the router (``mlp.gate``, a ``weight`` of experts x hidden used as
+# ``F.linear``) and a shared expert's gate read it too. One pattern per role, so that a
+# norm pairs with whichever of them a layer has.
+_MOE_READERS = r"re:.*mlp\.((experts\.\d+|shared_expert)\.)?(up|gate)_proj$|.*mlp\.(gate|shared_expert_gate)$"
+_MOE_WRITERS = r"re:.*mlp\.((experts\.\d+|shared_expert)\.)?down_proj$"
+
+_MOE_MAPPING = _DECODER_MAPPING.model_copy(update={"mlp_in": [_MOE_READERS], "mlp_out": [_MOE_WRITERS]})
+
+_MOE_NORMS = [
+    _DECODER_NORMS[0],
+    NormMapping(norm="re:.*post_attention_layernorm$", linears=[_MOE_READERS]),
+    _DECODER_NORMS[2],
+]
+
+# Phi-3 fuses q/k/v into qkv_proj and gate/up into gate_up_proj: both read the stream
+# whole, so R1 fuses exactly; R2's v half is a slice of qkv_proj's outputs (refused in
+# UNSUPPORTED_ROTATIONS).
+_PHI3_MAPPING = SpinQuantMapping(
+    embedding="re:.*embed_tokens$",
+    attn="re:.*self_attn$",
+    attn_q="re:.*self_attn.qkv_proj$",
+    attn_k="re:.*self_attn.qkv_proj$",
+    attn_v="re:.*self_attn.qkv_proj$",
+    attn_o="re:.*self_attn.o_proj$",
+    mlp_in=["re:.*mlp.gate_up_proj$"],
+    mlp_out="re:.*mlp.down_proj$",
+    lm_head="lm_head",
+)
+
+_PHI3_NORMS = [
+    NormMapping(norm="re:.*input_layernorm$", linears=["re:.*self_attn.qkv_proj$"]),
+    NormMapping(norm="re:.*post_attention_layernorm$", linears=["re:.*mlp.gate_up_proj$"]),
+    NormMapping(norm="re:^model.norm$", linears=["lm_head"]),
+]
+
+# model_type -> (rotation mapping, norm mappings). The dense four share LLaMA's module
 # names; Qwen2 adds q/k/v biases (untouched by R1, rotated with v_proj by R2) and
 # Qwen3 adds per-head q/k norms (inside attention, untouched by R1 and R2).
 SUPPORTED_MODEL_TYPES: dict[str, tuple[SpinQuantMapping, list[NormMapping]]] = {
@@ -55,6 +95,31 @@ SUPPORTED_MODEL_TYPES: dict[str, tuple[SpinQuantMapping, list[NormMapping]]] = {
     "mistral": (_DECODER_MAPPING, _DECODER_NORMS),
     "qwen2": (_DECODER_MAPPING, _DECODER_NORMS),
     "qwen3": (_DECODER_MAPPING, _DECODER_NORMS),
+    "mixtral": (_MOE_MAPPING, _MOE_NORMS),
+    "qwen2_moe": (_MOE_MAPPING, _MOE_NORMS),
+    "qwen3_moe": (_MOE_MAPPING, _MOE_NORMS),
+    "phi3": (_PHI3_MAPPING, _PHI3_NORMS),
+}
+
+# model_type -> {rotation: why it cannot be fused exactly there}
+UNSUPPORTED_ROTATIONS: dict[str, dict[str, str]] = {
+    "phi3": {
+        "R2": "phi3 computes v inside the fused qkv_proj, so R2 would rotate a slice of "
+        "its outputs, which a weight transform cannot address; use rotations=['R1'] "
+        "(with R4 if wanted)",
+    },
+}
+
+# model_type -> why no rotation of the residual stream is exact there
+UNSUPPORTED_MODEL_TYPES: dict[str, str] = {
+    reason_for: (
+        f"{reason_for} normalizes each sublayer's output before the residual add "
+        "(sandwich norms: post_attention_layernorm, post_feedforward_layernorm), and "
+        "the RMSNorm scale there sits between o_proj/down_proj and the stream with no "
+        "linear after it to absorb it, so R1 cannot commute with it; GSR would change "
+        "the model's output. Quantize it without a rotation"
+    )
+    for reason_for in ("gemma2", "gemma3", "gemma3_text")
 }
 
 
@@ -66,6 +131,8 @@ def resolve_mappings(
     """The user's mappings where given, else the registry's for ``model_type``;
     ``ValueError`` listing the supported types and the override otherwise."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type in UNSUPPORTED_MODEL_TYPES:
+        raise ValueError(f"GSR cannot rotate {model_type} exactly: {UNSUPPORTED_MODEL_TYPES[model_type]}.")
     if model_type in SUPPORTED_MODEL_TYPES:
         default_mapping, default_norms = SUPPORTED_MODEL_TYPES[model_type]
         return mappings or default_mapping, norm_mappings or default_norms

@@ -37,13 +37,15 @@ from llmcompressor.utils import untie_word_embeddings
 
 from gsr_plugin.session import check_before_quantizers, modifiers_around
 from gsr_plugin.mappings import (
+    UNSUPPORTED_ROTATIONS,
     NormMapping,
     SpinQuantMapping,
     check_rms_norms,
     resolve_mappings,
 )
+from gsr_plugin.transform import is_linear_like
 
-__all__ = ["Rotation", "FusedRotationModifier", "head_dim_of", "check_paired", "ONLINE_PRECISION", "rotate", "ROTATION_RECORD"]
+__all__ = ["Rotation", "FusedRotationModifier", "head_dim_of", "mlp_widths", "check_paired", "ONLINE_PRECISION", "rotate", "ROTATION_RECORD"]
 
 
 class Rotation(str, Enum):
@@ -157,6 +159,8 @@ class FusedRotationModifier(Modifier, use_enum_values=True):
         _check_not_quantized(model, type(self).__name__)
         mapping, self._norms = resolve_mappings(model, self.mappings, self.norm_mappings)
         self._mapping = mapping
+        _check_rotations_supported(model, self.rotations, type(self).__name__)
+        _linearize_experts(model)
         head_dim = head_dim_of(model.config)
         if self.block_size is None:
             self.block_size = self._default_block_size(model.config)
@@ -289,6 +293,34 @@ class FusedRotationModifier(Modifier, use_enum_values=True):
             logger.info(f"{already} of {len(pairs)} norms already had unit weight; not fused again")
 
 
+def _check_rotations_supported(model: torch.nn.Module, rotations: list, name: str) -> None:
+    model_type = getattr(model.config, "model_type", None)
+    refused = {r: why for r, why in UNSUPPORTED_ROTATIONS.get(model_type, {}).items() if r in rotations}
+    if refused:
+        rotation, why = next(iter(refused.items()))
+        raise ValueError(f"{name} cannot apply {rotation} to {model_type}: {why}.")
+
+
+def _linearize_experts(model: torch.nn.Module) -> None:
+    """Fused 3-D expert weights become one Linear per expert projection, as oneshot
+    does before any modifier runs (so ``rotate`` without oneshot sees the same)."""
+    from llmcompressor.modeling.moe.linearize import get_non_linearized_moes, linearize_moe
+
+    if get_non_linearized_moes(model):
+        logger.info("linearizing the experts (one Linear per expert projection) to rotate them")
+        linearize_moe(model)
+
+
+# config fields that size a down_proj's input: a dense MLP, the routed experts, a shared expert
+MLP_WIDTH_FIELDS = ("intermediate_size", "moe_intermediate_size", "shared_expert_intermediate_size")
+
+
+def mlp_widths(config, named: bool = False):
+    """The input widths of the model's down_projs (``{field: width}`` when ``named``)."""
+    widths = {f: getattr(config, f) for f in MLP_WIDTH_FIELDS if getattr(config, f, None)}
+    return widths if named else list(widths.values())
+
+
 def head_dim_of(config) -> int:
     head_dim = getattr(config, "head_dim", None)
     return head_dim or config.hidden_size // config.num_attention_heads
@@ -355,11 +387,12 @@ def check_paired(model: torch.nn.Module, a: TransformArgs, b: TransformArgs, fix
 def _transformed_size(module: torch.nn.Module, location: str) -> int:
     if isinstance(module, torch.nn.Embedding):
         return module.embedding_dim if location == "weight_output" else module.num_embeddings
-    if isinstance(module, torch.nn.Linear):
-        return module.in_features if location in ("weight_input", "input") else module.out_features
+    if is_linear_like(type(module)):
+        out_features, in_features = module.weight.shape
+        return in_features if location in ("weight_input", "input") else out_features
     raise ValueError(
         f"{type(module).__name__} cannot be rotated; mappings must name Linear or "
-        "Embedding modules"
+        "Embedding modules (or a router in gsr_plugin.transform.LINEAR_LIKE_TYPES)"
     )
 
 

@@ -48,6 +48,8 @@ __all__ = [
     "LearnedRotationFactory",
     "BlockMatrixTransform",
     "fuse_into_weight",
+    "is_linear_like",
+    "LINEAR_LIKE_TYPES",
     "SequencyPermutationFactory",
     "RandomOrthogonalFactory",
     "TRANSFORM_TYPES",
@@ -120,6 +122,15 @@ class NaturalWalshFactory(WalshFactory):
 
 _FUSE_CHUNK_ELEMENTS = 1 << 22  # 32 MB of float64 per slice when fusing into a weight
 
+# modules that are not ``nn.Linear`` but hold an (out, in) ``weight`` applied as
+# ``F.linear(x, weight)``: mixture-of-experts routers
+LINEAR_LIKE_TYPES = {"MixtralTopKRouter", "Qwen2MoeTopKRouter", "Qwen3MoeTopKRouter"}
+
+
+def is_linear_like(module_type: type[Module]) -> bool:
+    """``y = x W^T`` with ``W`` the module's (out, in) ``weight``."""
+    return issubclass(module_type, torch.nn.Linear) or module_type.__name__ in LINEAR_LIKE_TYPES
+
 
 def fuse_into_weight(value: Tensor, args: TransformArgs, module_type: type[Module], right_multiply) -> Tensor:
     """A weight with ``T`` fused where ``args.location`` says, in float64 slices.
@@ -138,10 +149,10 @@ def fuse_into_weight(value: Tensor, args: TransformArgs, module_type: type[Modul
     """
     location, inverse = TransformLocation(args.location), bool(args.inverse)
     # "rows": the result is value @ (T or T.T) row by row; otherwise column by column
-    if module_type is torch.nn.Linear:  # W @ T.T (weight_input), T.T @ W (weight_output)
+    if is_linear_like(module_type):  # W @ T.T (weight_input), T.T @ W (weight_output)
         along_rows = location == TransformLocation.WEIGHT_INPUT
         transpose = (not inverse) if along_rows else inverse
-    elif module_type is torch.nn.Embedding:  # E @ T (weight_output), T @ E (weight_input)
+    elif issubclass(module_type, torch.nn.Embedding):  # E @ T (weight_output), T @ E (weight_input)
         along_rows = location == TransformLocation.WEIGHT_OUTPUT
         transpose = inverse if along_rows else (not inverse)
     else:

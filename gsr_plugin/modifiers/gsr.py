@@ -12,6 +12,7 @@ in ``gsr_plugin.rotation``. This file is the choice of matrix and its defaults.
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
@@ -19,7 +20,7 @@ from compressed_tensors.transform import TransformArgs, TransformScheme
 from pydantic import Field, field_validator, model_validator
 
 from gsr_plugin.mappings import SpinQuantMapping
-from gsr_plugin.rotation import ONLINE_PRECISION, FusedRotationModifier, Rotation, check_paired, head_dim_of
+from gsr_plugin.rotation import ONLINE_PRECISION, FusedRotationModifier, Rotation, check_paired, head_dim_of, mlp_widths
 from gsr_plugin.transform import NATURAL_WALSH, SEQUENCY_PERMUTATION, SEQUENCY_WALSH
 from gsr_plugin.walsh import check_block_size, is_power_of_two
 
@@ -119,7 +120,8 @@ class GSRModifier(FusedRotationModifier):
         return head_dim
 
     def _default_r4_block_size(self, config) -> int:
-        return config.intermediate_size & -config.intermediate_size  # largest power of two divisor
+        width = math.gcd(*mlp_widths(config))
+        return width & -width  # the largest power of two dividing every down_proj's input
 
     def _check_block_size(self, config) -> None:
         if Rotation.R1 in self.rotations:
@@ -132,7 +134,8 @@ class GSRModifier(FusedRotationModifier):
                 f"and head_dim {head_dim} is not a power of two; use rotations without them"
             )
         if Rotation.R4 in self.rotations:
-            check_block_size(config.intermediate_size, self.r4_block_size, "intermediate_size")
+            for name, width in mlp_widths(config, named=True).items():
+                check_block_size(width, self.r4_block_size, name)
 
     def _scheme(self, block: int, apply: list[TransformArgs], online: bool = False, type_: str | None = None) -> TransformScheme:
         return TransformScheme(

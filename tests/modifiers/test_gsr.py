@@ -304,7 +304,7 @@ def test_already_quantized_model_is_refused(load_tiny):
 def test_unsupported_architecture_lists_supported_ones_and_the_override(load_tiny):
     model = load_tiny("llama")
     model.config.model_type = "my_decoder"
-    assert_refused_unchanged(model, [GSRModifier()], r"llama, mistral, qwen2, qwen3.*norm_mappings")
+    assert_refused_unchanged(model, [GSRModifier()], r"llama, mistral, mixtral, phi3, qwen2, qwen2_moe, qwen3, qwen3_moe.*norm_mappings")
 
 
 def test_unlisted_architecture_works_with_mappings(load_tiny, tokens):
