@@ -13,6 +13,7 @@ suite); ``tables`` turns them into Markdown and plots.
     python benchmarks/rotations.py frtq_more --out docs/results     # FRTQ at W4A4KV4, W4A4 (R4), W4 per-channel
     python benchmarks/rotations.py lowrank --out docs/results       # low-rank path: W2/W3 x ranks x methods, equal storage
     python benchmarks/rotations.py engines --out docs/results       # llm-compressor GPTQ vs gptqmodel GPTQ (Optimum)
+    python benchmarks/rotations.py fp4 --out docs/results           # NVFP4A16, MXFP4A16, NVFP4, MXFP4 after the rotations
     python benchmarks/rotations.py tables --out docs/results
 
 Suites list their runs in priority order; ``--limit N`` runs the first N.
@@ -155,11 +156,30 @@ def engines_suite() -> list[RecipeSetting]:
     return [RecipeSetting(m, 4, 64) for m in ("gsr", "none")]
 
 
+def fp4_suite() -> list[RecipeSetting]:
+    """llm-compressor's FP4 presets (round to nearest, fake-quantized on CPU) after R1+R2,
+    in priority order: none and GSR with blocks of the scale group for each preset, GSR
+    with blocks of 64 (head_dim), natural order where it can differ (a block wider than
+    the group), random Hadamard blocks of the group, the other group size. FP4
+    activations run without R4 (down_proj's input is not rotated)."""
+    group = {"NVFP4A16": 16, "MXFP4A16": 32, "NVFP4": 16, "MXFP4": 32}
+    first = [s for scheme in group for s in (RecipeSetting("none", fp4=scheme),
+                                             RecipeSetting("gsr", fp4=scheme, block_size=group[scheme]))]
+    wide = [RecipeSetting("gsr", fp4=scheme, block_size=64) for scheme in group]
+    weight_only = ("NVFP4A16", "MXFP4A16")
+    rest = (
+        [RecipeSetting("natural", fp4=scheme, block_size=64) for scheme in weight_only]
+        + [RecipeSetting("random_hadamard_exact", fp4=scheme, block_size=group[scheme]) for scheme in weight_only]
+        + [RecipeSetting("gsr", fp4=scheme, block_size=48 - group[scheme]) for scheme in weight_only]
+    )
+    return first + wide + rest
+
+
 SUITES = {"main": main_suite, "online": online_suite, "bits": bits_suite, "blocks": blocks_suite,
           "activations": activations_suite, "frtq": frtq_suite, "frtq_more": frtq_more_suite,
-          "lowrank": lowrank_suite, "engines": engines_suite}
+          "lowrank": lowrank_suite, "engines": engines_suite, "fp4": fp4_suite}
 WINDOWS = {"main": None, "online": 20, "bits": 20, "blocks": 20, "activations": 20, "frtq": None, "frtq_more": 20,
-           "lowrank": 10, "engines": 10}
+           "lowrank": 10, "engines": 10, "fp4": 20}
 ENGINES = {"engines": ["llmcompressor", "optimum"]}
 
 
@@ -295,6 +315,12 @@ def _setting_column(run: dict) -> str:
     return f"W{run['bits']}{acts}{kv} {group}" + (" +R4" if run.get("online_r4") else "")
 
 
+def _fp4_row(run: dict) -> str:
+    if run["method"] == "none":
+        return "none"
+    return f"{run['method']}, block {run['block_size'] or 64}"
+
+
 def _lowrank_row(run: dict) -> str:
     if not run.get("rank"):
         return f"{run['method']}, no low-rank path"
@@ -340,6 +366,10 @@ def tables(out: Path) -> str:
     if (out / "lowrank.json").is_file():
         low = json.loads((out / "lowrank.json").read_text())
         parts += ["## The low-rank path", "", _protocol(low), "", _lowrank_table(low), ""]
+    if (out / "fp4.json").is_file():
+        fp4 = json.loads((out / "fp4.json").read_text())
+        parts += ["## FP4 formats (llm-compressor presets, round to nearest)", "", _protocol(fp4), "",
+                  table(fp4, _fp4_row, lambda r: r.get("fp4") or _column(r)), ""]
     if (out / "engines.json").is_file():
         eng = json.loads((out / "engines.json").read_text())
         parts += ["## Engines: llm-compressor GPTQ vs gptqmodel GPTQ (Optimum)", "", _protocol(eng), "",

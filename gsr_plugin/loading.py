@@ -102,12 +102,18 @@ def load_with_online_transforms(checkpoint: str | Path, dtype="auto", **kwargs):
         kwargs["config"] = config
     adapter = Path(checkpoint) / ADAPTER_DIR
     has_adapter = (adapter / "adapter_config.json").is_file()
-    if has_adapter and qconfig.get("quant_method") == "compressed-tensors" and not rotation_only:
+    # FP4 (NVFP4/MXFP4) run compressed decompresses to bfloat16 in every forward,
+    # whatever dtype was asked for, and then fails on float32 inputs
+    fp4 = any(((g.get("weights") or {}).get("type") == "float" and (g.get("weights") or {}).get("num_bits") == 4)
+              for g in (qconfig.get("config_groups") or {}).values())
+    if (has_adapter or fp4) and qconfig.get("quant_method") == "compressed-tensors" and not rotation_only:
         from transformers import CompressedTensorsConfig
 
         # PEFT wraps Linear.weight: decompress (a packed checkpoint otherwise stays packed)
         kwargs.setdefault("quantization_config", CompressedTensorsConfig(run_compressed=False))
     model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=dtype, **kwargs)
+    if fp4 and isinstance(dtype, torch.dtype):  # decompressed to bfloat16 regardless
+        model = model.to(dtype)
     attach_online_transforms(model, checkpoint)
     if has_adapter:  # the low-rank path (LowRankModifier), unmerged
         from peft import PeftModel

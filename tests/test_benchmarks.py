@@ -69,7 +69,13 @@ def test_tables_render_every_saved_suite(rotations, tmp_path):
         _run("none", 4, 64, 300.0, activation_bits=4, kv_bits=4),
         _run("gsr", 4, 64, 30.0, activation_bits=4, kv_bits=4, online_r4=True, r4_block_size=64),
     ])))
+    (tmp_path / "fp4.json").write_text(json.dumps(_report([
+        _run("none", 4, 16, 28.0, fp4="NVFP4A16"), _run("gsr", 4, 16, 25.0, fp4="NVFP4A16", block_size=16),
+        _run("gsr", 4, 32, 26.0, fp4="MXFP4A16", block_size=64),
+    ])))
     text = rotations.tables(tmp_path)
+    assert "| rotation | NVFP4A16 | MXFP4A16 |" in text and "| gsr, block 16 | 25.00 |  |" in text
+    assert "| gsr, block 64 |  | 26.00 |" in text
     assert "| none | 41.70 |" in text and "| gsr | 35.10 |" in text
     assert "W2 g64" in text and "W4 per-channel" in text and "1.50e+04" in text
     assert "| gsr, block 64 | 35.00 |" in text

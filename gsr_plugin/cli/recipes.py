@@ -3,7 +3,8 @@ runs, and the YAML files in ``recipes/`` are written from it (``python -m
 gsr_plugin.cli.recipes``), so a file and the comparison that cites it cannot drift.
 
 A file name spells its setting: ``{method}_w{bits}a{act}[_g{group}|_ch][_asym]_gptq.yaml``
-(``ch``: one scale per output channel; ``asym``: with zero points).
+(``ch``: one scale per output channel; ``asym``: with zero points), or for llm-compressor's
+FP4 presets ``{method}_{nvfp4a16|nvfp4|mxfp4a16|mxfp4}_rtn.yaml``.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 import yaml
 
 __all__ = [
+    "FP4_SCHEMES",
     "METHODS",
     "RecipeSetting",
     "build_recipe",
@@ -60,6 +62,11 @@ class RecipeSetting:
         static scales from calibration); None = 16-bit cache
     :param rank: LowRankModifier's rank between the rotation and GPTQ (0: none)
     :param lowrank: its method, ``svd`` or ``activation``
+    :param fp4: an FP4 preset of llm-compressor instead of integer GPTQ: ``NVFP4A16``,
+        ``NVFP4`` (E2M1 in groups of 16, FP8 E4M3 scales, plus a global scale),
+        ``MXFP4A16``, ``MXFP4`` (groups of 32, power-of-two E8M0 scales), applied by
+        ``QuantizationModifier`` (round to nearest, as llm-compressor's FP4 examples);
+        it sets the weight grid and the activation bits
     """
 
     method: str = "gsr"
@@ -73,8 +80,17 @@ class RecipeSetting:
     kv_bits: int | None = None
     rank: int = 0
     lowrank: str = "svd"
+    fp4: str | None = None
 
     def __post_init__(self):
+        if self.fp4 is not None:
+            if self.fp4 not in FP4_SCHEMES:
+                raise ValueError(f"fp4 must be one of {', '.join(FP4_SCHEMES)}, not {self.fp4!r}")
+            group, acts = FP4_SCHEMES[self.fp4]
+            for field, value in (("weight_bits", 4), ("group_size", group), ("symmetric", True), ("activation_bits", acts)):
+                object.__setattr__(self, field, value)
+            if self.kv_bits:
+                raise ValueError("kv_bits is for the integer recipes; FP4 presets keep a 16-bit KV cache")
         if self.lowrank not in ("svd", "activation"):
             raise ValueError(f"lowrank must be 'svd' or 'activation', not {self.lowrank!r}")
         if self.method not in METHODS:
@@ -84,6 +100,10 @@ class RecipeSetting:
 
     @property
     def name(self) -> str:
+        if self.fp4:
+            r4 = ("_r4" + (f"b{self.r4_block_size}" if self.r4_block_size else "")) if self.online_r4 else ""
+            lr = (f"_lr{self.rank}" + ("a" if self.lowrank == "activation" else "")) if self.rank else ""
+            return f"{self.method}_{self.fp4.lower()}{r4}{lr}_rtn"
         group = "" if self.activation_bits == 8 and self.weight_bits == 8 and self.group_size is None else (
             f"_g{self.group_size}" if self.group_size else "_ch"
         )
@@ -106,7 +126,16 @@ class RecipeSetting:
         r4 = " (with the online R4 rotation at down_proj's input)" if self.online_r4 else ""
         if self.rank:
             r4 += f", a rank-{self.rank} 16-bit path ({self.lowrank}; LowRankModifier, only the residual quantized)"
+        if self.fp4:
+            scales = "FP8 E4M3 scales and a global scale" if self.fp4.startswith("NV") else "power-of-two E8M0 scales"
+            acts = "16-bit activations" if self.activation_bits == 16 else "FP4 activations in the same groups"
+            return (f"{METHODS[self.method]}{r4}; then {self.fp4} round to nearest (QuantizationModifier): FP4 E2M1 "
+                    f"weights in groups of {self.group_size} with {scales}, {acts}")
         return f"{METHODS[self.method]}{r4}; then GPTQ int{self.weight_bits} {kind} weights in {group}, {acts}{kv}"
+
+
+# llm-compressor preset -> (group size, activation bits)
+FP4_SCHEMES: dict[str, tuple[int, int]] = {"NVFP4A16": (16, 16), "NVFP4": (16, 4), "MXFP4A16": (32, 16), "MXFP4": (32, 4)}
 
 
 def _rotation_modifiers(setting: RecipeSetting) -> dict:
@@ -161,6 +190,9 @@ def build_recipe(setting: RecipeSetting, head_dim: int | None = None) -> dict:
             fields["transform_block_size"] = head_dim
     if setting.rank:
         modifiers["LowRankModifier"] = {"rank": setting.rank, "method": setting.lowrank}
+    if setting.fp4:
+        modifiers["QuantizationModifier"] = {"targets": ["Linear"], "ignore": ["lm_head"], "scheme": setting.fp4}
+        return {"quant_stage": {"quant_modifiers": modifiers}}
     modifiers["GPTQModifier"] = {"ignore": ["lm_head"], "config_groups": {"group_0": scheme}}
     if setting.kv_bits:
         modifiers["GPTQModifier"]["kv_cache_scheme"] = {
@@ -209,6 +241,10 @@ def shipped_settings() -> list[RecipeSetting]:
         RecipeSetting("frtq", 4, 64, symmetric=False, activation_bits=4, online_r4=True, kv_bits=4),
         RecipeSetting("frtq", 4, 64, symmetric=False, activation_bits=4, online_r4=True),
     ]
+    settings += [  # FP4 (vLLM on GPU): R1+R2 blocks of head_dim, a multiple of both scale groups
+        RecipeSetting("gsr", fp4=scheme) for scheme in FP4_SCHEMES
+    ]
+    settings += [RecipeSetting("none", fp4=scheme) for scheme in FP4_SCHEMES]
     return list(dict.fromkeys(settings))
 
 
@@ -251,6 +287,15 @@ def setting_from_name(name: str) -> RecipeSetting:
         r"(?P<m>[a-z_]+?)_w(?P<w>\d+)a(?P<a>\d+)(?:kv(?P<kv>\d+))?(?:_g(?P<g>\d+)|(?P<ch>_ch))?"
         r"(?P<asym>_asym)?(?P<r4>_r4(?:b(?P<r4b>\d+))?)?(?:_lr(?P<lr>\d+)(?P<lra>a)?)?_gptq$"
     )
+    fp4 = re.fullmatch(
+        r"(?P<m>[a-z_]+?)_(?P<fp4>nvfp4a16|nvfp4|mxfp4a16|mxfp4)(?P<r4>_r4(?:b(?P<r4b>\d+))?)?(?:_lr(?P<lr>\d+)(?P<lra>a)?)?_rtn", name
+    )
+    if fp4:
+        return RecipeSetting(
+            method=fp4["m"], fp4=fp4["fp4"].upper(), online_r4=fp4["r4"] is not None,
+            r4_block_size=int(fp4["r4b"]) if fp4["r4b"] else None, rank=int(fp4["lr"]) if fp4["lr"] else 0,
+            lowrank="activation" if fp4["lra"] else "svd",
+        )
     match = re.fullmatch(pattern, name)
     if not match:
         raise ValueError(f"{name!r} does not spell a recipe setting")

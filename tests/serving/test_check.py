@@ -69,6 +69,14 @@ def gptq_checkpoint(tmp_path, dims=SMOLLM2, **fields):
     return tmp_path
 
 
+@pytest.mark.parametrize("group,name", [(16, "NVFP4"), (32, "MXFP4")])
+def test_fp4_is_refused_on_cpu_and_left_to_vllm_on_gpu(tmp_path, group, name):
+    fp4 = {"num_bits": 4, "type": "float", "symmetric": True, "strategy": "tensor_group", "group_size": group}
+    reasons = unservable_reasons(checkpoint(tmp_path, fp4), "cpu")
+    assert len(reasons) == 1 and f"{name} (FP4)" in reasons[0] and "GPU" in reasons[0]
+    assert unservable_reasons(checkpoint(tmp_path, fp4), "cuda") == []
+
+
 def test_gptq_rules(tmp_path):
     """vLLM 0.32 reads GPTQ as symmetric 4/8-bit; on CPU, the int4 kernel's rules."""
     assert unservable_reasons(gptq_checkpoint(tmp_path), "cpu", kernels_of("_C")) == []
