@@ -69,20 +69,13 @@ _MOE_NORMS = [
 # Phi-3 fuses q/k/v into qkv_proj and gate/up into gate_up_proj: both read the stream
 # whole, so R1 fuses exactly; R2's v half is a slice of qkv_proj's outputs (refused in
 # UNSUPPORTED_ROTATIONS).
-_PHI3_MAPPING = SpinQuantMapping(
-    embedding="re:.*embed_tokens$",
-    attn="re:.*self_attn$",
-    attn_q="re:.*self_attn.qkv_proj$",
-    attn_k="re:.*self_attn.qkv_proj$",
-    attn_v="re:.*self_attn.qkv_proj$",
-    attn_o="re:.*self_attn.o_proj$",
-    mlp_in=["re:.*mlp.gate_up_proj$"],
-    mlp_out="re:.*mlp.down_proj$",
-    lm_head="lm_head",
+_PHI3_QKV = "re:.*self_attn.qkv_proj$"
+_PHI3_MAPPING = _DECODER_MAPPING.model_copy(
+    update={"attn_q": _PHI3_QKV, "attn_k": _PHI3_QKV, "attn_v": _PHI3_QKV, "mlp_in": ["re:.*mlp.gate_up_proj$"]}
 )
 
 _PHI3_NORMS = [
-    NormMapping(norm="re:.*input_layernorm$", linears=["re:.*self_attn.qkv_proj$"]),
+    NormMapping(norm="re:.*input_layernorm$", linears=[_PHI3_QKV]),
     NormMapping(norm="re:.*post_attention_layernorm$", linears=["re:.*mlp.gate_up_proj$"]),
     NormMapping(norm="re:^model.norm$", linears=["lm_head"]),
 ]
