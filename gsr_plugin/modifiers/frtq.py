@@ -172,6 +172,13 @@ class FRTQModifier(GSRModifier):
         """The weight and activation grids (None where that term is off): explicit
         fields, else the first quantization modifier after this one in the recipe."""
         weights, activations = _following_quantizer_args(self)
+        if weights is not None and str(weights.type) in ("float", "QuantizationType.FLOAT") and self.weight_bits is None:
+            raise ValueError(
+                "FRTQModifier learns for an integer grid (uniform steps: rho = step / std), and the "
+                f"quantizer after it uses {weights.num_bits}-bit floating-point weights (FP4/FP8), whose "
+                "steps are not uniform. Use GSRModifier before FP4 schemes, or set weight_bits, "
+                "weight_group_size and activation_bits to learn for an integer proxy of that grid"
+            )
         bits = self.weight_bits or (weights.num_bits if weights is not None else None)
         if bits is None:
             raise ValueError(

@@ -173,6 +173,14 @@ def test_no_grid_is_refused(load_tiny):
     refused(load_tiny("llama"), [FRTQModifier(steps=3)], "set weight_bits")
 
 
+def test_fp4_quantizer_is_refused_naming_gsr(load_tiny, calibration):
+    from llmcompressor.modifiers.quantization import QuantizationModifier
+
+    fp4 = QuantizationModifier(targets="Linear", scheme="NVFP4A16", ignore=["lm_head"])
+    refused(load_tiny("llama"), [FRTQModifier(steps=3), fp4], "floating-point weights .* Use GSRModifier",
+            calibration=calibration)
+
+
 def test_block_that_does_not_divide_hidden_is_refused(load_tiny):
     refused(load_tiny("llama"), [FRTQModifier(block_size=256, weight_bits=3)], "does not divide hidden_size")
 
