@@ -294,7 +294,7 @@ def tables(report: dict) -> str:
                   f"(`{v['checkpoint']}`)."]
     scale = report.get("scale")
     if scale:
-        lines += ["", "| model (random weights) | modules | float32 GiB | GSR s | GSR peak extra | GPTQ s (scaled) | GSR / GPTQ |",
+        lines += ["", "| model (random weights) | Linear/Embedding modules as loaded (experts fused) | float32 GiB | GSR s | GSR peak extra | GPTQ s (scaled) | GSR / GPTQ |",
                   "|---|---|---|---|---|---|---|"]
         for r in scale:
             lines.append(f"| {r['model']} | {r['modules']} | {r['model_bytes'] / 2**30:.2f} | {r['gsr_seconds']:.1f} | "

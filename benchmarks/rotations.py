@@ -129,19 +129,19 @@ def frtq_more_suite() -> list[RecipeSetting]:
 
 def lowrank_suite() -> list[RecipeSetting]:
     """The low-rank path after GSR, in priority order: W2 g64 (asymmetric) without it
-    and with ranks 16 and 32 (activation-aware split), W3 g64 without it and with rank
-    16, the equal-storage reference W4 per channel (4.03 bits per weight, as W3 g64 +
-    rank 16), then the SVD split at rank 16, W3 at rank 32, and W4A4KV4 with R4 and
-    per-channel weights as FRTQ uses it, with and without rank 16."""
+    and with rank 32 (activation-aware split), W3 g64 with rank 16 and the equal-storage
+    reference W4 per channel (4.03 bits per weight both), W3 g64 without it, W2 at rank
+    16, then the SVD split at rank 16, W3 at rank 32, and W4A4KV4 with R4 and per-channel
+    weights as FRTQ uses it, with and without rank 16."""
     asym = dict(symmetric=False)
     w4a4kv4 = dict(symmetric=False, activation_bits=4, online_r4=True, kv_bits=4)
     return [
         RecipeSetting("gsr", 2, 64, **asym),
-        RecipeSetting("gsr", 2, 64, rank=16, lowrank="activation", **asym),
         RecipeSetting("gsr", 2, 64, rank=32, lowrank="activation", **asym),
-        RecipeSetting("gsr", 3, 64, **asym),
         RecipeSetting("gsr", 3, 64, rank=16, lowrank="activation", **asym),
         RecipeSetting("gsr", 4, None, **asym),
+        RecipeSetting("gsr", 3, 64, **asym),
+        RecipeSetting("gsr", 2, 64, rank=16, lowrank="activation", **asym),
         RecipeSetting("gsr", 3, 64, rank=16, lowrank="svd", **asym),
         RecipeSetting("gsr", 2, 64, rank=16, lowrank="svd", **asym),
         RecipeSetting("gsr", 3, 64, rank=32, lowrank="activation", **asym),
