@@ -335,45 +335,42 @@ def _lowrank_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def _by_method(run: dict) -> str:
+    return run["method"]
+
+
+def _engine_column(run: dict) -> str:
+    return f"{_column(run)} ({run.get('engine', 'llmcompressor')})"
+
+
+# suite -> (heading, the table of its report, the plot it gets), in the order of tables.md
+TABLES = {
+    "main": ("Main table", lambda r: table(r, _by_method), plot_main),
+    "bits": ("Other bit widths", lambda r: table(r, _by_method), plot_main),
+    "blocks": ("Block size and ordering", lambda r: table(r, _block_row), plot_blocks),
+    "activations": ("Activations (R1+R2 only)", lambda r: table(r, _by_method), None),
+    "online": ("Activations with R4", lambda r: table(r, _online_row, _online_column), None),
+    "frtq": ("FRTQ at W3A16 g64", lambda r: table(r, _by_method), plot_main),
+    "frtq_more": ("FRTQ with activations and per channel", lambda r: table(r, _by_method, _setting_column), None),
+    "lowrank": ("The low-rank path", _lowrank_table, None),
+    "fp4": ("FP4 formats (llm-compressor presets, round to nearest)",
+            lambda r: table(r, _fp4_row, lambda run: run.get("fp4") or _column(run)), None),
+    "engines": ("Engines: llm-compressor GPTQ vs gptqmodel GPTQ (Optimum)", lambda r: table(r, _by_method, _engine_column),
+                None),
+}
+
+
 def tables(out: Path) -> str:
+    """tables.md (and the plots) from every suite's saved report in ``out``."""
     parts = []
-    if (out / "main.json").is_file():
-        main = json.loads((out / "main.json").read_text())
-        parts += ["## Main table", "", _protocol(main), "", table(main, lambda r: r["method"]), ""]
-        plot_main(main, out / "main.png")
-    if (out / "bits.json").is_file():
-        bits = json.loads((out / "bits.json").read_text())
-        parts += ["## Other bit widths", "", _protocol(bits), "", table(bits, lambda r: r["method"]), ""]
-        plot_main(bits, out / "bits.png")
-    if (out / "blocks.json").is_file():
-        blocks = json.loads((out / "blocks.json").read_text())
-        parts += ["## Block size and ordering", "", _protocol(blocks), "", table(blocks, _block_row), ""]
-        plot_blocks(blocks, out / "blocks.png")
-    if (out / "activations.json").is_file():
-        acts = json.loads((out / "activations.json").read_text())
-        parts += ["## Activations (R1+R2 only)", "", _protocol(acts), "", table(acts, lambda r: r["method"]), ""]
-    if (out / "online.json").is_file():
-        online = json.loads((out / "online.json").read_text())
-        parts += ["## Activations with R4", "", _protocol(online), "", table(online, _online_row, _online_column), ""]
-    if (out / "frtq.json").is_file():
-        frtq = json.loads((out / "frtq.json").read_text())
-        parts += ["## FRTQ at W3A16 g64", "", _protocol(frtq), "", table(frtq, lambda r: r["method"]), ""]
-        plot_main(frtq, out / "frtq.png")
-    if (out / "frtq_more.json").is_file():
-        more = json.loads((out / "frtq_more.json").read_text())
-        parts += ["## FRTQ with activations and per channel", "", _protocol(more), "",
-                  table(more, lambda r: r["method"], _setting_column), ""]
-    if (out / "lowrank.json").is_file():
-        low = json.loads((out / "lowrank.json").read_text())
-        parts += ["## The low-rank path", "", _protocol(low), "", _lowrank_table(low), ""]
-    if (out / "fp4.json").is_file():
-        fp4 = json.loads((out / "fp4.json").read_text())
-        parts += ["## FP4 formats (llm-compressor presets, round to nearest)", "", _protocol(fp4), "",
-                  table(fp4, _fp4_row, lambda r: r.get("fp4") or _column(r)), ""]
-    if (out / "engines.json").is_file():
-        eng = json.loads((out / "engines.json").read_text())
-        parts += ["## Engines: llm-compressor GPTQ vs gptqmodel GPTQ (Optimum)", "", _protocol(eng), "",
-                  table(eng, lambda r: r["method"], lambda r: f"{_column(r)} ({r.get('engine', 'llmcompressor')})"), ""]
+    for suite, (heading, render, plot) in TABLES.items():
+        path = out / f"{suite}.json"
+        if not path.is_file():
+            continue
+        report = json.loads(path.read_text())
+        parts += [f"## {heading}", "", _protocol(report), "", render(report), ""]
+        if plot is not None:
+            plot(report, out / f"{suite}.png")
     text = "\n".join(parts)
     (out / "tables.md").write_text(text)
     return text
