@@ -145,6 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--group-size", type=_group, default=64, help="weight group where the recipe has none, or 'channel'")
     d.add_argument("--symmetric", action="store_true", help="symmetric weights where the recipe has no grid")
     d.add_argument("--act-bits", type=int, default=4, help="activation bits where the recipe has none (default 4)")
+    d.add_argument("--block-size", type=int, default=None, help="replace the recipe's rotation block (a power of two)")
     d.add_argument("--out", default=None, help="write diagnose.md, diagnose.json, diagnose.png here")
     _add_data(d)
 
@@ -293,6 +294,7 @@ def cmd_diagnose(args) -> int:
         weight_grid=Grid(args.weight_bits, args.symmetric, args.group_size),
         activation_bits=args.act_bits,
         calib_samples=args.calib_samples,
+        block_size=args.block_size,
     )
     _result(tables(report))
     if args.out:

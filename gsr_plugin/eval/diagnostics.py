@@ -8,9 +8,18 @@ rotations of a recipe (its modifiers before the quantizer, applied exactly):
   validation windows; q/k/v and gate/up share an input;
 * the grid-to-std ratio of its weight groups and their round-to-nearest error
   ``||W - RTN(W)||_F / ||W||_F``,
+* the error that weight rounding puts on the layer's *output*, on the same inputs:
+  ``||X (RTN(W) - W)^T||_F / ||X W^T||_F`` (what perplexity feels: weight error along
+  the directions the inputs use),
 
 at the recipe's weight grid (bits, group size, symmetry) and activation bits, or the
 ``--weight-bits/--group-size/--act-bits`` defaults where the recipe has none.
+
+A recipe whose quantizer is an FP4 preset (NVFP4, MXFP4: a float grid, where
+``rho`` has no meaning) gets the relative round-to-nearest error of that format
+instead, ``||x - Q(x)|| / ||x||`` through compressed-tensors' own quantizer (the one the
+perplexity runs use): of every weight, and of every input where the preset quantizes
+activations (``input_error``; global scale from the window itself).
 
     gsr diagnose default --recipe frtq_w4a4kv4_g64_asym_r4_gptq --out diagnose-out
 """
@@ -27,7 +36,7 @@ from tqdm import tqdm
 from gsr_plugin.learn.frtq import Grid
 from gsr_plugin.learn.objectives import grid_to_std_ratio, rounding_error
 
-__all__ = ["LAYER_TYPES", "measure", "diagnose", "rotation_part", "tables", "plot"]
+__all__ = ["LAYER_TYPES", "measure", "diagnose", "rotation_part", "float_rounding_error", "tables", "plot"]
 
 LAYER_TYPES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -36,25 +45,70 @@ def layer_type(name: str) -> str | None:
     return next((t for t in LAYER_TYPES if name.endswith(t)), None)
 
 
+def is_float_format(args) -> bool:
+    """Whether QuantizationArgs describe a float grid (FP4 presets)."""
+    return args is not None and str(getattr(args.type, "value", args.type)) == "float"
+
+
+def float_rounding_error(x: torch.Tensor, args, relative: bool = True):
+    """``||x - Q(x)||_F / ||x||_F`` for compressed-tensors' quantizer of ``args`` (a float
+    format with one scale per ``group_size`` values; NVFP4's global scale
+    ``FP8_max * FP4_max / max|x|`` is taken from ``x``, as its observer does);
+    ``relative=False``: the error tensor ``Q(x) - x`` itself, shaped ``(-1, n)``."""
+    from compressed_tensors.quantization.lifecycle.forward import fake_quantize
+    from compressed_tensors.quantization.utils import calculate_qparams, generate_gparam
+
+    x = x.reshape(-1, x.shape[-1]).float()
+    groups = x.unflatten(-1, (x.shape[-1] // args.group_size, args.group_size))
+    global_scale = None
+    if str(getattr(args.strategy, "value", args.strategy)) == "tensor_group":
+        global_scale = generate_gparam(x.min().reshape(1), x.max().reshape(1))
+    scale, zero_point = calculate_qparams(groups.amin(-1), groups.amax(-1), args, global_scale=global_scale)
+    q = fake_quantize(x, scale, zero_point, args, global_scale=global_scale)
+    if not relative:
+        return q - x
+    return ((q - x).norm() / x.norm().clamp_min(1e-30)).item()
+
+
 @torch.no_grad()
-def measure(model: torch.nn.Module, windows: torch.Tensor, weight_grid: Grid, activation_bits: int) -> dict:
-    """Per layer type, means over layers (and tokens): ``input_rho``, ``weight_rho``,
-    ``weight_error``."""
+def measure(
+    model: torch.nn.Module,
+    windows: torch.Tensor,
+    weight_grid: Grid,
+    activation_bits: int,
+    float_weights=None,
+    float_inputs=None,
+) -> dict:
+    """Per layer type, means over layers (and windows): ``input_rho``, ``weight_rho``,
+    ``weight_error``, ``output_error``; with ``float_weights`` (QuantizationArgs of an FP4 format) the
+    weight error is that format's and there is no weight ``rho``; with ``float_inputs``
+    the inputs get that format's error (``input_error``) instead of ``rho``."""
     inputs: dict[str, list[float]] = defaultdict(list)
+    input_error: dict[str, list[float]] = defaultdict(list)
     weight_rho: dict[str, list[float]] = defaultdict(list)
     weight_error: dict[str, list[float]] = defaultdict(list)
+    output_error: dict[str, list[float]] = defaultdict(list)
     hooks = []
     for name, module in model.named_modules():
         kind = layer_type(name)
         if kind is None or not isinstance(module, torch.nn.Linear):
             continue
-        w = module.weight.detach().double()
-        group = weight_grid.group_size if weight_grid.group_size and w.shape[1] % weight_grid.group_size == 0 else None
-        weight_rho[kind].append(grid_to_std_ratio(w, weight_grid.bits, weight_grid.symmetric, group).mean().item())
-        error = rounding_error(w, weight_grid.bits, weight_grid.symmetric, group)
-        weight_error[kind].append((error.norm() / w.norm()).item())
+        if float_weights is not None:
+            error = float_rounding_error(module.weight.detach(), float_weights, relative=False)
+        else:
+            w = module.weight.detach().double()
+            group = weight_grid.group_size if weight_grid.group_size and w.shape[1] % weight_grid.group_size == 0 else None
+            weight_rho[kind].append(grid_to_std_ratio(w, weight_grid.bits, weight_grid.symmetric, group).mean().item())
+            error = rounding_error(w, weight_grid.bits, weight_grid.symmetric, group)
+        weight_error[kind].append((error.norm() / module.weight.detach().double().norm()).item())
+        error = error.to(module.weight.dtype)
 
-        def hook(m, args, kind=kind):
+        def hook(m, args, kind=kind, error=error):
+            x = args[0].detach().reshape(-1, args[0].shape[-1])
+            output_error[kind].append(((x @ error.T).norm() / (x @ m.weight.T).norm().clamp_min(1e-30)).item())
+            if float_inputs is not None:
+                input_error[kind].append(float_rounding_error(args[0].detach(), float_inputs))
+                return
             x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
             inputs[kind].append(grid_to_std_ratio(x, activation_bits, True).mean().item())
 
@@ -66,17 +120,18 @@ def measure(model: torch.nn.Module, windows: torch.Tensor, weight_grid: Grid, ac
         for h in hooks:
             h.remove()
     mean = lambda values: sum(values) / len(values)  # noqa: E731
-    return {
-        "input_rho": {k: mean(v) for k, v in inputs.items()},
-        "weight_rho": {k: mean(v) for k, v in weight_rho.items()},
-        "weight_error": {k: mean(v) for k, v in weight_error.items()},
-    }
+    measured = {"input_rho": inputs, "input_error": input_error, "weight_rho": weight_rho,
+                "weight_error": weight_error, "output_error": output_error}
+    return {key: {k: mean(v) for k, v in values.items()} for key, values in measured.items() if values}
 
 
-def rotation_part(recipe: str):
-    """(rotation modifiers, weight grid or None, activation bits or None) of a recipe:
-    the modifiers before its first quantization modifier, with FRTQ's grid pinned to
-    that quantizer's (it is dropped here)."""
+def rotation_part(recipe: str, block_size: int | None = None):
+    """(rotation modifiers, weight grid or None, activation bits or None, float formats)
+    of a recipe: the modifiers before its first quantization modifier, with FRTQ's grid
+    pinned to that quantizer's (it is dropped here); float formats = (weights, inputs)
+    QuantizationArgs of an FP4 quantizer, else (None, None). ``block_size`` replaces
+    the rotation block of every rotation modifier (``block_size`` or SpinQuant's
+    ``transform_block_size``)."""
     from llmcompressor.modifiers.quantization import QuantizationMixin
     from llmcompressor.recipe import Recipe
 
@@ -87,15 +142,29 @@ def rotation_part(recipe: str):
     modifiers = Recipe.create_instance(str(resolve_recipe(recipe))).modifiers
     split = next((i for i, m in enumerate(modifiers) if isinstance(m, QuantizationMixin)), len(modifiers))
     rotations, rest = modifiers[:split], modifiers[split:]
+    if block_size is not None:
+        if block_size < 1 or block_size & (block_size - 1):
+            raise ValueError(f"--block-size {block_size} is not a power of two; Walsh blocks exist for 1, 2, 4, ...")
+        fields = [f for m in rotations for f in ("block_size", "transform_block_size") if f in type(m).model_fields]
+        if not fields:
+            raise ValueError(f"--block-size: recipe {recipe!r} has no rotation with a block to set; "
+                             "pick a recipe with GSRModifier, FRTQModifier, RandomRotationModifier or SpinQuantModifier")
+        for modifier in rotations:
+            for field in ("block_size", "transform_block_size"):
+                if field in type(modifier).model_fields:
+                    setattr(modifier, field, block_size)
     weights, activations = first_quantizer_args(rest)
     for modifier in rotations:
         if isinstance(modifier, FRTQModifier):
             modifier.pin_grid(weights, activations)
+    if is_float_format(weights):
+        floats = (weights, activations if is_float_format(activations) else None)
+        return rotations, None, None, floats
     grid = None
     if weights is not None:
         group = weights.group_size if str(weights.strategy) == "group" else None
         grid = Grid(weights.num_bits, weights.symmetric, group)
-    return rotations, grid, (activations.num_bits if activations is not None else None)
+    return rotations, grid, (activations.num_bits if activations is not None else None), (None, None)
 
 
 def diagnose(
@@ -107,6 +176,7 @@ def diagnose(
     weight_grid: Grid = Grid(4, False, 64),
     activation_bits: int = 4,
     calib_samples: int = 32,
+    block_size: int | None = None,
 ) -> dict:
     """Measure ``model`` as loaded and, with ``recipe``, after its rotations
     (calibrated, for FRTQ, on ``calib_samples`` other validation windows)."""
@@ -117,7 +187,10 @@ def diagnose(
     from gsr_plugin.eval.data import calibration_windows
     from gsr_plugin.eval.models import resolve_model
 
-    rotations, recipe_grid, recipe_act = rotation_part(recipe) if recipe else ([], None, None)
+    if block_size is not None and not recipe:
+        raise ValueError("--block-size sets the block of a recipe's rotations: pass --recipe too")
+    rotations, recipe_grid, recipe_act, floats = (rotation_part(recipe, block_size) if recipe
+                                                  else ([], None, None, (None, None)))
     weight_grid = recipe_grid or weight_grid
     activation_bits = recipe_act or activation_bits
     path = resolve_model(model)
@@ -127,42 +200,68 @@ def diagnose(
     report = {
         "model": model,
         "recipe": recipe,
+        "block_size": block_size,
         "rotations": [type(m).__name__ for m in rotations],
         "inputs": f"{samples} x {seq_len} tokens of WikiText-2 validation (seed 1)",
         "weight_grid": {"bits": weight_grid.bits, "symmetric": weight_grid.symmetric, "group_size": weight_grid.group_size},
         "activation_bits": activation_bits,
-        "before": measure(loaded, tqdm(windows, desc="measuring before", leave=False), weight_grid, activation_bits),
     }
+    if floats[0] is not None:
+        report["float_format"] = {"weights": _describe(floats[0]), "inputs": _describe(floats[1]) if floats[1] else None}
+    report["before"] = measure(loaded, tqdm(windows, desc="measuring before", leave=False), weight_grid,
+                               activation_bits, *floats)
     if rotations:
         calib = calibration_windows(tokenizer, calib_samples, seq_len, seed=0, data_dir=data_dir)
         dataset = Dataset.from_dict({"input_ids": calib.tolist(), "attention_mask": torch.ones_like(calib).tolist()})
         oneshot(model=loaded, processor=tokenizer, dataset=dataset, recipe=rotations,
                 num_calibration_samples=calib_samples, max_seq_length=seq_len, pipeline="datafree")
-        report["after"] = measure(loaded, tqdm(windows, desc="measuring after", leave=False), weight_grid, activation_bits)
+        report["after"] = measure(loaded, tqdm(windows, desc="measuring after", leave=False), weight_grid,
+                                  activation_bits, *floats)
         report["learned"] = [m.learned for m in rotations if getattr(m, "learned", None)]
     return report
+
+
+def _describe(args) -> str:
+    """``FP4 e2m1, groups of 16, scales float8_e4m3fn + global`` style name of float QuantizationArgs."""
+    scales = str(args.scale_dtype).replace("torch.", "") if args.scale_dtype is not None else "float"
+    glob = " + global" if str(getattr(args.strategy, "value", args.strategy)) == "tensor_group" else ""
+    return f"FP{args.num_bits}, groups of {args.group_size}, scales {scales}{glob}"
+
+
+COLUMNS = (("input_rho", "input rho", "{:.3f}"), ("input_error", "input FP4 error", "{:.4f}"),
+           ("weight_rho", "weight rho", "{:.3f}"), ("weight_error", "weight RTN error", "{:.4f}"),
+           ("output_error", "output error (W)", "{:.4f}"))
 
 
 def tables(report: dict) -> str:
     g = report["weight_grid"]
     grid = f"W{g['bits']} {'g' + str(g['group_size']) if g['group_size'] else 'per-channel'} {'sym' if g['symmetric'] else 'asym'}"
+    formats = report.get("float_format")
+    if formats:
+        what = f"weights {formats['weights']}; " + (f"inputs {formats['inputs']}" if formats["inputs"]
+                                                    else f"inputs int{report['activation_bits']} per token")
+    else:
+        what = f"weights {grid}, activations int{report['activation_bits']} per token"
     lines = [
         f"{report['model']}: {', '.join(report['rotations']) or 'no rotation'}"
         + (f" from {report['recipe']}" if report["recipe"] else "")
-        + f"; weights {grid}, activations int{report['activation_bits']} per token; inputs {report['inputs']}",
+        + (f" with blocks of {report['block_size']}" if report.get("block_size") else "")
+        + f"; {what}; inputs {report['inputs']}",
         "",
     ]
     after = report.get("after")
-    head = ["layer", "input rho"] + (["after", "change"] if after else []) + ["weight rho"] + (
-        ["after", "change"] if after else []) + ["weight RTN error"] + (["after", "change"] if after else [])
+    columns = [c for c in COLUMNS if report["before"].get(c[0])]
+    head = ["layer"]
+    for _, title, _ in columns:
+        head += [title] + (["after", "change"] if after else [])
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for kind in LAYER_TYPES:
         row = [kind]
-        for key, fmt in (("input_rho", "{:.3f}"), ("weight_rho", "{:.3f}"), ("weight_error", "{:.4f}")):
+        for key, _, fmt in columns:
             before = report["before"][key].get(kind)
             row.append(fmt.format(before) if before is not None else "-")
             if after:
-                value = after[key].get(kind)
+                value = after.get(key, {}).get(kind)
                 row += [fmt.format(value), f"{100 * (value / before - 1):+.1f}%"] if value is not None else ["-", "-"]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
@@ -174,9 +273,10 @@ def plot(report: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = [("input_rho", "input grid/std"), ("weight_rho", "weight grid/std"), ("weight_error", "weight RTN error")]
+    keys = [(key, title) for key, title, _ in COLUMNS if report["before"].get(key)]
     states = ["before"] + (["after"] if "after" in report else [])
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6), dpi=110)
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.4 * len(keys), 3.6), dpi=110, squeeze=False)
+    axes = axes[0]
     width = 0.8 / len(states)
     for ax, (key, title) in zip(axes, keys):
         for i, state in enumerate(states):
