@@ -160,7 +160,8 @@ def fp4_suite() -> list[RecipeSetting]:
     """llm-compressor's FP4 presets (round to nearest, fake-quantized on CPU) after R1+R2,
     in priority order: none and GSR with blocks of the scale group for each preset, GSR
     with blocks of 64 (head_dim), natural order where it can differ (a block wider than
-    the group), random Hadamard blocks of the group, the other group size. FP4
+    the group), random Hadamard blocks of the group, the other group size; then the
+    weight-only presets through GPTQ instead of round to nearest, none and GSR. FP4
     activations run without R4 (down_proj's input is not rotated)."""
     group = {"NVFP4A16": 16, "MXFP4A16": 32, "NVFP4": 16, "MXFP4": 32}
     first = [s for scheme in group for s in (RecipeSetting("none", fp4=scheme),
@@ -172,7 +173,9 @@ def fp4_suite() -> list[RecipeSetting]:
         + [RecipeSetting("random_hadamard_exact", fp4=scheme, block_size=group[scheme]) for scheme in weight_only]
         + [RecipeSetting("gsr", fp4=scheme, block_size=48 - group[scheme]) for scheme in weight_only]
     )
-    return first + wide + rest
+    gptq = [s for scheme in weight_only for s in (RecipeSetting("none", fp4=scheme, fp4_gptq=True),
+                                                  RecipeSetting("gsr", fp4=scheme, block_size=group[scheme], fp4_gptq=True))]
+    return first + wide + rest + gptq
 
 
 SUITES = {"main": main_suite, "online": online_suite, "bits": bits_suite, "blocks": blocks_suite,
@@ -315,6 +318,12 @@ def _setting_column(run: dict) -> str:
     return f"W{run['bits']}{acts}{kv} {group}" + (" +R4" if run.get("online_r4") else "")
 
 
+def _fp4_column(run: dict) -> str:
+    if not run.get("fp4"):
+        return _column(run)
+    return run["fp4"] + (" GPTQ" if run.get("fp4_gptq") else "")
+
+
 def _fp4_row(run: dict) -> str:
     if run["method"] == "none":
         return "none"
@@ -353,8 +362,8 @@ TABLES = {
     "frtq": ("FRTQ at W3A16 g64", lambda r: table(r, _by_method), plot_main),
     "frtq_more": ("FRTQ with activations and per channel", lambda r: table(r, _by_method, _setting_column), None),
     "lowrank": ("The low-rank path", _lowrank_table, None),
-    "fp4": ("FP4 formats (llm-compressor presets, round to nearest)",
-            lambda r: table(r, _fp4_row, lambda run: run.get("fp4") or _column(run)), None),
+    "fp4": ("FP4 formats (llm-compressor presets; round to nearest, or GPTQ where marked)",
+            lambda r: table(r, _fp4_row, _fp4_column), None),
     "engines": ("Engines: llm-compressor GPTQ vs gptqmodel GPTQ (Optimum)", lambda r: table(r, _by_method, _engine_column),
                 None),
 }

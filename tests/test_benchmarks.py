@@ -72,9 +72,10 @@ def test_tables_render_every_saved_suite(rotations, tmp_path):
     (tmp_path / "fp4.json").write_text(json.dumps(_report([
         _run("none", 4, 16, 28.0, fp4="NVFP4A16"), _run("gsr", 4, 16, 25.0, fp4="NVFP4A16", block_size=16),
         _run("gsr", 4, 32, 26.0, fp4="MXFP4A16", block_size=64),
+        _run("gsr", 4, 16, 22.0, fp4="NVFP4A16", block_size=16, fp4_gptq=True),
     ])))
     text = rotations.tables(tmp_path)
-    assert "| rotation | NVFP4A16 | MXFP4A16 |" in text and "| gsr, block 16 | 25.00 |  |" in text
+    assert "| rotation | NVFP4A16 | MXFP4A16 | NVFP4A16 GPTQ |" in text and "| gsr, block 16 | 25.00 |  | 22.00 |" in text
     assert "| gsr, block 64 |  | 26.00 |" in text
     assert "| none | 41.70 |" in text and "| gsr | 35.10 |" in text
     assert "W2 g64" in text and "W4 per-channel" in text and "1.50e+04" in text

@@ -176,6 +176,7 @@ def run_settings(
                 "rank": setting.rank,
                 "lowrank": setting.lowrank if setting.rank else None,
                 "fp4": setting.fp4,
+                "fp4_gptq": setting.fp4_gptq,
                 "bits_per_weight": round(bits_per_weight(model_config, setting.weight_bits, setting.group_size,
                                                          setting.symmetric, setting.rank,
                                                          scale_bits=8 if setting.fp4 else 16), 4),
@@ -233,7 +234,7 @@ def markdown_table(report: dict) -> str:
         "",
         "| method | " + " | ".join(f"W{b}" for b in bits) + " |",
         "|---|" + "---|" * len(bits),
-        f"| float32 (no quantization) | " + " | ".join(_fmt(report["fp"]["ppl"]) for _ in bits) + " |",
+        "| float32 (no quantization) | " + " | ".join(_fmt(report["fp"]["ppl"]) for _ in bits) + " |",
     ]
     for method in methods:
         lines.append(f"| {method} | " + " | ".join(_fmt(ppl.get((method, b), float("nan"))) for b in bits) + " |")

@@ -4,7 +4,7 @@ gsr_plugin.cli.recipes``), so a file and the comparison that cites it cannot dri
 
 A file name spells its setting: ``{method}_w{bits}a{act}[_g{group}|_ch][_asym]_gptq.yaml``
 (``ch``: one scale per output channel; ``asym``: with zero points), or for llm-compressor's
-FP4 presets ``{method}_{nvfp4a16|nvfp4|mxfp4a16|mxfp4}_rtn.yaml``.
+FP4 presets ``{method}_{nvfp4a16|nvfp4|mxfp4a16|mxfp4}_{rtn|gptq}.yaml``.
 """
 
 from __future__ import annotations
@@ -67,6 +67,8 @@ class RecipeSetting:
         ``MXFP4A16``, ``MXFP4`` (groups of 32, power-of-two E8M0 scales), applied by
         ``QuantizationModifier`` (round to nearest, as llm-compressor's FP4 examples);
         it sets the weight grid and the activation bits
+    :param fp4_gptq: with ``fp4``: ``GPTQModifier`` with the preset instead of round to
+        nearest (the integer recipes always run GPTQ)
     """
 
     method: str = "gsr"
@@ -81,8 +83,11 @@ class RecipeSetting:
     rank: int = 0
     lowrank: str = "svd"
     fp4: str | None = None
+    fp4_gptq: bool = False
 
     def __post_init__(self):
+        if self.fp4_gptq and self.fp4 is None:
+            raise ValueError("fp4_gptq is for the FP4 presets (fp4=...); the integer recipes always run GPTQ")
         if self.fp4 is not None:
             if self.fp4 not in FP4_SCHEMES:
                 raise ValueError(f"fp4 must be one of {', '.join(FP4_SCHEMES)}, not {self.fp4!r}")
@@ -103,7 +108,7 @@ class RecipeSetting:
         if self.fp4:
             r4 = ("_r4" + (f"b{self.r4_block_size}" if self.r4_block_size else "")) if self.online_r4 else ""
             lr = (f"_lr{self.rank}" + ("a" if self.lowrank == "activation" else "")) if self.rank else ""
-            return f"{self.method}_{self.fp4.lower()}{r4}{lr}_rtn"
+            return f"{self.method}_{self.fp4.lower()}{r4}{lr}_{'gptq' if self.fp4_gptq else 'rtn'}"
         group = "" if self.activation_bits == 8 and self.weight_bits == 8 and self.group_size is None else (
             f"_g{self.group_size}" if self.group_size else "_ch"
         )
@@ -129,7 +134,8 @@ class RecipeSetting:
         if self.fp4:
             scales = "FP8 E4M3 scales and a global scale" if self.fp4.startswith("NV") else "power-of-two E8M0 scales"
             acts = "16-bit activations" if self.activation_bits == 16 else "FP4 activations in the same groups"
-            return (f"{METHODS[self.method]}{r4}; then {self.fp4} round to nearest (QuantizationModifier): FP4 E2M1 "
+            how = "GPTQ (GPTQModifier)" if self.fp4_gptq else "round to nearest (QuantizationModifier)"
+            return (f"{METHODS[self.method]}{r4}; then {self.fp4} {how}: FP4 E2M1 "
                     f"weights in groups of {self.group_size} with {scales}, {acts}")
         return f"{METHODS[self.method]}{r4}; then GPTQ int{self.weight_bits} {kind} weights in {group}, {acts}{kv}"
 
@@ -191,7 +197,8 @@ def build_recipe(setting: RecipeSetting, head_dim: int | None = None) -> dict:
     if setting.rank:
         modifiers["LowRankModifier"] = {"rank": setting.rank, "method": setting.lowrank}
     if setting.fp4:
-        modifiers["QuantizationModifier"] = {"targets": ["Linear"], "ignore": ["lm_head"], "scheme": setting.fp4}
+        quantizer = "GPTQModifier" if setting.fp4_gptq else "QuantizationModifier"
+        modifiers[quantizer] = {"targets": ["Linear"], "ignore": ["lm_head"], "scheme": setting.fp4}
         return {"quant_stage": {"quant_modifiers": modifiers}}
     modifiers["GPTQModifier"] = {"ignore": ["lm_head"], "config_groups": {"group_0": scheme}}
     if setting.kv_bits:
@@ -288,13 +295,13 @@ def setting_from_name(name: str) -> RecipeSetting:
         r"(?P<asym>_asym)?(?P<r4>_r4(?:b(?P<r4b>\d+))?)?(?:_lr(?P<lr>\d+)(?P<lra>a)?)?_gptq$"
     )
     fp4 = re.fullmatch(
-        r"(?P<m>[a-z_]+?)_(?P<fp4>nvfp4a16|nvfp4|mxfp4a16|mxfp4)(?P<r4>_r4(?:b(?P<r4b>\d+))?)?(?:_lr(?P<lr>\d+)(?P<lra>a)?)?_rtn", name
+        r"(?P<m>[a-z_]+?)_(?P<fp4>nvfp4a16|nvfp4|mxfp4a16|mxfp4)(?P<r4>_r4(?:b(?P<r4b>\d+))?)?(?:_lr(?P<lr>\d+)(?P<lra>a)?)?_(?P<q>rtn|gptq)", name
     )
     if fp4:
         return RecipeSetting(
             method=fp4["m"], fp4=fp4["fp4"].upper(), online_r4=fp4["r4"] is not None,
             r4_block_size=int(fp4["r4b"]) if fp4["r4b"] else None, rank=int(fp4["lr"]) if fp4["lr"] else 0,
-            lowrank="activation" if fp4["lra"] else "svd",
+            lowrank="activation" if fp4["lra"] else "svd", fp4_gptq=fp4["q"] == "gptq",
         )
     match = re.fullmatch(pattern, name)
     if not match:

@@ -11,6 +11,7 @@ from gsr_plugin.cli.recipes import (
     RecipeSetting,
     build_recipe,
     recipes_dir,
+    recipe_yaml,
     resolve_recipe,
     setting_from_name,
     shipped_settings,
@@ -96,3 +97,21 @@ def test_fp4_settings_use_the_llm_compressor_preset(scheme, group, acts):
     assert setting_from_name(setting.name) == setting
     with pytest.raises(ValueError, match="fp4 must be one of"):
         RecipeSetting("gsr", fp4="FP4")
+
+
+def test_fp4_gptq_setting_puts_the_preset_in_gptq():
+    from llmcompressor.modifiers.gptq import GPTQModifier
+    from llmcompressor.recipe import Recipe
+
+    setting = RecipeSetting("gsr", fp4="NVFP4A16", fp4_gptq=True, block_size=16)
+    mods = build_recipe(setting)["quant_stage"]["quant_modifiers"]
+    assert list(mods) == ["GSRModifier", "GPTQModifier"]
+    assert mods["GPTQModifier"] == {"targets": ["Linear"], "ignore": ["lm_head"], "scheme": "NVFP4A16"}
+    assert setting.name == "gsr_nvfp4a16_gptq" and setting_from_name("gsr_nvfp4a16_gptq").fp4_gptq
+    assert setting_from_name("gsr_nvfp4a16_rtn").fp4_gptq is False
+    gptq = Recipe.create_instance(recipe_yaml(setting)).modifiers[-1]
+    assert isinstance(gptq, GPTQModifier)
+    weights = next(iter(gptq.resolved_config.config_groups.values())).weights
+    assert (str(weights.type), weights.group_size) == ("float", 16)
+    with pytest.raises(ValueError, match="fp4_gptq is for the FP4 presets"):
+        RecipeSetting("gsr", 4, 64, fp4_gptq=True)
