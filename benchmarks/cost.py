@@ -11,7 +11,8 @@
 6. the low-rank path ``L (R x)`` against the layer's matmul, on the default model's
    shapes, as transformers runs them (float32, the weight dequantized) (``--only lowrank``);
 7. GSR at scale: fusion time and peak memory on randomly initialized models of a 0.5B
-   Qwen2 shape and a 64-expert MoE, against GPTQ on the same shapes (``--only scale``).
+   Qwen2 shape, a 64-expert MoE and a Llama-2-7B shape (on cuts), against GPTQ on the
+   same shapes (``--only scale``, ``--scale-models`` to pick).
 
     python benchmarks/cost.py --out docs/results
 """
@@ -215,53 +216,100 @@ SCALE_CONFIGS = {
     "qwen3-moe-64e": dict(model_type="qwen3_moe", hidden_size=1024, intermediate_size=3072, moe_intermediate_size=256,
                           num_experts=64, num_experts_per_tok=8, num_hidden_layers=8, num_attention_heads=16,
                           num_key_value_heads=4, head_dim=64, vocab_size=151936, tie_word_embeddings=False),
+    # Llama-2-7B's shape (hidden 4096, 32 layers, intermediate 11008): 27 GB in float32,
+    # more than this machine holds, so both sides run on cuts (SCALE_CUTS)
+    "llama2-7b": dict(model_type="llama", hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                      num_attention_heads=32, num_key_value_heads=32, vocab_size=32000, tie_word_embeddings=False),
 }
+# models measured on cuts of 1 and 2 layers, both GSR and GPTQ: per layer = t(2) - t(1),
+# whole model = t(1) + (layers - 1) * per layer (the embedding, lm_head and the
+# pipeline's setup are counted once, not once per layer)
+SCALE_CUTS = {"llama2-7b": (1, 2)}
+
+
+def _random_model(fields: dict, layers: int | None = None):
+    """A randomly initialized float32 model of ``fields`` (``layers`` overrides the depth)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    fields = dict(fields)
+    model_type = fields.pop("model_type")
+    if layers is not None:
+        fields["num_hidden_layers"] = layers
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **fields), dtype=torch.float32)
+
+
+def _gsr_fusion(fields: dict, layers: int | None = None) -> dict:
+    """GSR R1+R2 (``rotate``) on a random model: seconds, peak bytes above the model."""
+    from gsr_plugin import rotate
+
+    model = _random_model(fields, layers)
+    model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    modules = sum(1 for m in model.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Embedding)))
+    with PeakRSS() as memory:
+        start = time.perf_counter()
+        rotate(model)
+        seconds = time.perf_counter() - start
+    return {"seconds": seconds, "peak": memory.peak, "model_bytes": model_bytes, "modules": modules}
+
+
+def _gptq_seconds(fields: dict, layers: int, calib_samples: int, calib_len: int) -> float:
+    """GPTQ W4A16 g64 through ``oneshot`` on a ``layers``-layer random model, random tokens."""
+    from datasets import Dataset
+    from llmcompressor import oneshot
+    from transformers import AutoModelForCausalLM
+
+    from gsr_plugin.cli.recipes import RecipeSetting, recipe_yaml
+
+    model = _random_model(fields, layers)
+    with tempfile.TemporaryDirectory() as work:  # oneshot reads the config back from disk
+        model.save_pretrained(work)
+        del model
+        model = AutoModelForCausalLM.from_pretrained(work, dtype=torch.float32)
+        tokens = torch.randint(0, fields["vocab_size"], (calib_samples, calib_len),
+                               generator=torch.Generator().manual_seed(0))
+        data = Dataset.from_dict({"input_ids": tokens.tolist(), "attention_mask": torch.ones_like(tokens).tolist()})
+        start = time.perf_counter()
+        oneshot(model=model, dataset=data, recipe=recipe_yaml(RecipeSetting("none", 4, 64), 64),
+                num_calibration_samples=calib_samples, max_seq_length=calib_len)
+        return time.perf_counter() - start
 
 
 def fusion_at_scale(name: str, gptq_layers: int = 2, calib_samples: int = 16, calib_len: int = 512) -> dict:
     """GSR (R1+R2) on a randomly initialized model of ``SCALE_CONFIGS[name]``: time and
     peak memory above the model. GPTQ (W4A16 g64 on random tokens) runs on a
     ``gptq_layers``-layer cut of the same shape and is scaled to the full depth (GPTQ's
-    cost is per layer; lm_head is not quantized), which 2 CPU cores can afford."""
-    from llmcompressor import oneshot
-    from transformers import AutoConfig, AutoModelForCausalLM
+    cost is per layer; lm_head is not quantized), which 2 CPU cores can afford. Models in
+    ``SCALE_CUTS`` run both sides on two cuts and extrapolate linearly in depth."""
+    fields = SCALE_CONFIGS[name]
+    depth = fields["num_hidden_layers"]
+    if name in SCALE_CUTS:
+        short, long = SCALE_CUTS[name]
 
-    from gsr_plugin import rotate
-    from gsr_plugin.cli.recipes import RecipeSetting, recipe_yaml
+        def extrapolate(t_short: float, t_long: float) -> float:
+            per_layer = (t_long - t_short) / (long - short)
+            return t_short + (depth - short) * per_layer
 
-    fields = dict(SCALE_CONFIGS[name])
-    config = AutoConfig.for_model(fields.pop("model_type"), **fields)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    modules = sum(1 for m in model.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Embedding)))
-    with PeakRSS() as memory:
-        start = time.perf_counter()
-        rotate(model)
-        gsr_seconds = time.perf_counter() - start
-    del model
-    cut = AutoConfig.for_model(config.model_type, **{**fields, "num_hidden_layers": gptq_layers})
-    model = AutoModelForCausalLM.from_config(cut, dtype=torch.float32)
-    with tempfile.TemporaryDirectory() as work:  # oneshot reads the config back from disk
-        model.save_pretrained(work)
-        model = AutoModelForCausalLM.from_pretrained(work, dtype=torch.float32)
-        tokens = torch.randint(0, config.vocab_size, (calib_samples, calib_len), generator=torch.Generator().manual_seed(0))
-        from datasets import Dataset
-
-        data = Dataset.from_dict({"input_ids": tokens.tolist(), "attention_mask": torch.ones_like(tokens).tolist()})
-        start = time.perf_counter()
-        oneshot(model=model, dataset=data, recipe=recipe_yaml(RecipeSetting("none", 4, 64), 64),
-                num_calibration_samples=calib_samples, max_seq_length=calib_len)
-        gptq_cut_seconds = time.perf_counter() - start
-    gptq_seconds = gptq_cut_seconds * config.num_hidden_layers / gptq_layers
+        gsr = [_gsr_fusion(fields, layers) for layers in (short, long)]
+        gptq = [_gptq_seconds(fields, layers, calib_samples, calib_len) for layers in (short, long)]
+        gsr_seconds, gptq_seconds = extrapolate(*(g["seconds"] for g in gsr)), extrapolate(*gptq)
+        measured, peak = gsr[1], max(g["peak"] for g in gsr)
+        how = f"{short}- and {long}-layer cuts, extrapolated to {depth} layers"
+        extra = {"cut_layers": [short, long], "gsr_cut_seconds": [g["seconds"] for g in gsr],
+                 "gptq_cut_seconds": gptq, "peak_measured_on": f"{long}-layer cut"}
+    else:
+        measured = _gsr_fusion(fields)
+        gsr_seconds, peak = measured["seconds"], measured["peak"]
+        gptq_cut = _gptq_seconds(fields, gptq_layers, calib_samples, calib_len)
+        gptq_seconds = gptq_cut * depth / gptq_layers
+        how = f"{gptq_layers}-layer cut x {depth / gptq_layers:g}"
+        extra = {"gptq_cut_layers": gptq_layers, "gptq_cut_seconds": gptq_cut}
     return {
-        "model": name, "config": SCALE_CONFIGS[name], "modules": modules, "model_bytes": model_bytes,
-        "gsr_seconds": gsr_seconds, "gsr_peak_extra_bytes": memory.peak,
-        "gsr_peak_extra_over_model": memory.peak / model_bytes,
-        "gptq_cut_layers": gptq_layers, "gptq_cut_seconds": gptq_cut_seconds,
+        "model": name, "config": fields, "modules": measured["modules"], "model_bytes": measured["model_bytes"],
+        "gsr_seconds": gsr_seconds, "gsr_peak_extra_bytes": peak,
+        "gsr_peak_extra_over_model": peak / measured["model_bytes"],
         "gptq_seconds_scaled": gptq_seconds, "gsr_over_gptq": gsr_seconds / gptq_seconds,
-        "gptq": f"W4A16 g64, {calib_samples} x {calib_len} random tokens, {gptq_layers}-layer cut x "
-                f"{config.num_hidden_layers / gptq_layers:g}",
+        "gptq": f"W4A16 g64, {calib_samples} x {calib_len} random tokens, {how}", **extra,
     }
 
 
@@ -297,8 +345,9 @@ def tables(report: dict) -> str:
         lines += ["", "| model (random weights) | Linear/Embedding modules as loaded (experts fused) | float32 GiB | GSR s | GSR peak extra | GPTQ s (scaled) | GSR / GPTQ |",
                   "|---|---|---|---|---|---|---|"]
         for r in scale:
-            lines.append(f"| {r['model']} | {r['modules']} | {r['model_bytes'] / 2**30:.2f} | {r['gsr_seconds']:.1f} | "
-                         f"{r['gsr_peak_extra_over_model']:.2f} x model | {r['gptq_seconds_scaled']:.0f} "
+            on = f" ({r['peak_measured_on']})" if "peak_measured_on" in r else ""
+            lines.append(f"| {r['model']} | {r['modules']} | {r['model_bytes'] / 2**30:.2f}{on} | {r['gsr_seconds']:.1f} | "
+                         f"{r['gsr_peak_extra_over_model']:.2f} x model{on} | {r['gptq_seconds_scaled']:.0f} "
                          f"({r['gptq']}) | {r['gsr_over_gptq']:.3f} |")
     f = report.get("frtq_vs_gptq")
     if f:
@@ -319,6 +368,8 @@ if __name__ == "__main__":
                         help="with --only lowrank: also time vLLM with this checkpoint's adapter against without")
     parser.add_argument("--threads", type=int, default=None,
                         help="with --only lowrank: time on this many threads (1 on a loaded machine)")
+    parser.add_argument("--scale-models", nargs="+", choices=list(SCALE_CONFIGS), default=None,
+                        help="with --only scale: measure these models (the others' rows are kept)")
     parser.add_argument("--only", choices=["frtq", "lowrank", "scale"], default=None,
                         help="run this part alone (kept with the others in cost.json)")
     args = parser.parse_args()
@@ -329,7 +380,10 @@ if __name__ == "__main__":
         if args.only == "frtq":
             report["frtq_vs_gptq"] = {**frtq_vs_gptq(args.calib_samples, args.calib_len), "command": command}
         elif args.only == "scale":
-            report["scale"] = [{**fusion_at_scale(name), "command": command} for name in SCALE_CONFIGS]
+            rows = {r["model"]: r for r in report.get("scale", [])}
+            for name in args.scale_models or list(SCALE_CONFIGS):
+                rows[name] = {**fusion_at_scale(name), "command": command}
+            report["scale"] = [rows[name] for name in SCALE_CONFIGS if name in rows]
         else:
             report["lowrank"] = lowrank_overhead(threads=args.threads)
             if args.lora_checkpoint:
