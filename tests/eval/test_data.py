@@ -2,7 +2,6 @@
 windows, and the error when neither files nor hub are there."""
 
 import hashlib
-import json
 
 import pytest
 import torch
