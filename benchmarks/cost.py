@@ -257,9 +257,10 @@ def _gptq_seconds(fields: dict, layers: int, calib_samples: int, calib_len: int)
     """GPTQ W4A16 g64 through ``oneshot`` on a ``layers``-layer random model, random tokens."""
     from datasets import Dataset
     from llmcompressor import oneshot
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from gsr_plugin.cli.recipes import RecipeSetting, recipe_yaml
+    from gsr_plugin.eval.models import resolve_model
 
     model = _random_model(fields, layers)
     with tempfile.TemporaryDirectory() as work:  # oneshot reads the config back from disk
@@ -269,8 +270,11 @@ def _gptq_seconds(fields: dict, layers: int, calib_samples: int, calib_len: int)
         tokens = torch.randint(0, fields["vocab_size"], (calib_samples, calib_len),
                                generator=torch.Generator().manual_seed(0))
         data = Dataset.from_dict({"input_ids": tokens.tolist(), "attention_mask": torch.ones_like(tokens).tolist()})
+        # the data is token ids already; oneshot still wants a processor, and a random
+        # model has none on disk: the default model's tokenizer stands in (never used)
+        tokenizer = AutoTokenizer.from_pretrained(resolve_model("default"))
         start = time.perf_counter()
-        oneshot(model=model, dataset=data, recipe=recipe_yaml(RecipeSetting("none", 4, 64), 64),
+        oneshot(model=model, processor=tokenizer, dataset=data, recipe=recipe_yaml(RecipeSetting("none", 4, 64), 64),
                 num_calibration_samples=calib_samples, max_seq_length=calib_len)
         return time.perf_counter() - start
 

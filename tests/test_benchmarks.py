@@ -85,3 +85,21 @@ def test_tables_render_every_saved_suite(rotations, tmp_path):
     for png in ("main.png", "bits.png", "blocks.png"):
         assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
     assert (tmp_path / "tables.md").read_text() == text
+
+
+def test_cost_at_scale_on_cuts_extrapolates_both_sides_in_depth(monkeypatch):
+    spec = importlib.util.spec_from_file_location("bench_cost", ROOT / "benchmarks" / "cost.py")
+    cost = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cost)
+    tiny = dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=2,
+                num_key_value_heads=2, vocab_size=256, tie_word_embeddings=False)
+    monkeypatch.setitem(cost.SCALE_CONFIGS, "tiny", tiny)
+    monkeypatch.setitem(cost.SCALE_CUTS, "tiny", (1, 2))
+    row = cost.fusion_at_scale("tiny", calib_samples=2, calib_len=16)
+    (g1, g2), (q1, q2) = row["gsr_cut_seconds"], row["gptq_cut_seconds"]
+    assert row["gsr_seconds"] == pytest.approx(g1 + 5 * (g2 - g1))
+    assert row["gptq_seconds_scaled"] == pytest.approx(q1 + 5 * (q2 - q1))
+    assert row["gsr_over_gptq"] == pytest.approx(row["gsr_seconds"] / row["gptq_seconds_scaled"])
+    assert "1- and 2-layer cuts, extrapolated to 6 layers" in row["gptq"]
+    text = cost.tables({"command": "c", "threads": 1, "transform": [], "online_r4": [], "scale": [{**row, "command": "c"}]})
+    assert "| tiny |" in text and "(2-layer cut)" in text
