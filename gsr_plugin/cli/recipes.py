@@ -252,6 +252,10 @@ def shipped_settings() -> list[RecipeSetting]:
         RecipeSetting("gsr", fp4=scheme) for scheme in FP4_SCHEMES
     ]
     settings += [RecipeSetting("none", fp4=scheme) for scheme in FP4_SCHEMES]
+    settings += [  # FP4 weights through GPTQ (where a rotation pays, docs/results.md); a file name
+        # spells no block, so GSR keeps its default (head_dim, a multiple of both groups)
+        RecipeSetting(method, fp4=scheme, fp4_gptq=True) for scheme in ("NVFP4A16", "MXFP4A16") for method in ("gsr", "none")
+    ]
     return list(dict.fromkeys(settings))
 
 

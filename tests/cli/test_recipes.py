@@ -30,7 +30,8 @@ def test_shipped_file_is_the_built_recipe_and_loads(path):
     assert yaml.safe_load(path.read_text()) == build_recipe(setting, DEFAULT_MODEL_HEAD_DIM)
     assert path.read_text().startswith(f"# {path.stem}: ")  # says what it is for
     modifiers = Recipe.create_instance(str(path)).modifiers
-    assert type(modifiers[-1]).__name__ == ("QuantizationModifier" if setting.fp4 else "GPTQModifier")
+    assert type(modifiers[-1]).__name__ == ("QuantizationModifier" if setting.fp4 and not setting.fp4_gptq
+                                            else "GPTQModifier")
     if "gsr" in setting.method:
         assert any(isinstance(m, GSRModifier) for m in modifiers)
 
