@@ -35,6 +35,7 @@ from tqdm import tqdm
 
 from gsr_plugin.learn.frtq import Grid
 from gsr_plugin.learn.objectives import grid_to_std_ratio, rounding_error
+from gsr_plugin.walsh import is_power_of_two
 
 __all__ = ["LAYER_TYPES", "measure", "diagnose", "rotation_part", "float_rounding_error", "tables", "plot"]
 
@@ -45,9 +46,11 @@ def layer_type(name: str) -> str | None:
     return next((t for t in LAYER_TYPES if name.endswith(t)), None)
 
 
-def is_float_format(args) -> bool:
-    """Whether QuantizationArgs describe a float grid (FP4 presets)."""
-    return args is not None and str(getattr(args.type, "value", args.type)) == "float"
+def _has_global_scale(args) -> bool:
+    """NVFP4's layout: group scales under one per-tensor scale (``tensor_group``)."""
+    from compressed_tensors.quantization import QuantizationStrategy
+
+    return args.strategy == QuantizationStrategy.TENSOR_GROUP
 
 
 def float_rounding_error(x: torch.Tensor, args, relative: bool = True):
@@ -61,7 +64,7 @@ def float_rounding_error(x: torch.Tensor, args, relative: bool = True):
     x = x.reshape(-1, x.shape[-1]).float()
     groups = x.unflatten(-1, (x.shape[-1] // args.group_size, args.group_size))
     global_scale = None
-    if str(getattr(args.strategy, "value", args.strategy)) == "tensor_group":
+    if _has_global_scale(args):
         global_scale = generate_gparam(x.min().reshape(1), x.max().reshape(1))
     scale, zero_point = calculate_qparams(groups.amin(-1), groups.amax(-1), args, global_scale=global_scale)
     q = fake_quantize(x, scale, zero_point, args, global_scale=global_scale)
@@ -107,10 +110,9 @@ def measure(
             x = args[0].detach().reshape(-1, args[0].shape[-1])
             output_error[kind].append(((x @ error.T).norm() / (x @ m.weight.T).norm().clamp_min(1e-30)).item())
             if float_inputs is not None:
-                input_error[kind].append(float_rounding_error(args[0].detach(), float_inputs))
-                return
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
-            inputs[kind].append(grid_to_std_ratio(x, activation_bits, True).mean().item())
+                input_error[kind].append(float_rounding_error(x, float_inputs))
+            else:
+                inputs[kind].append(grid_to_std_ratio(x.double(), activation_bits, True).mean().item())
 
         hooks.append(module.register_forward_pre_hook(hook))
     try:
@@ -137,13 +139,13 @@ def rotation_part(recipe: str, block_size: int | None = None):
 
     import gsr_plugin  # noqa: F401  (registers the modifiers for YAML)
     from gsr_plugin.cli.recipes import resolve_recipe
-    from gsr_plugin.modifiers.frtq import FRTQModifier, first_quantizer_args
+    from gsr_plugin.modifiers.frtq import FRTQModifier, first_quantizer_args, is_float_format
 
     modifiers = Recipe.create_instance(str(resolve_recipe(recipe))).modifiers
     split = next((i for i, m in enumerate(modifiers) if isinstance(m, QuantizationMixin)), len(modifiers))
     rotations, rest = modifiers[:split], modifiers[split:]
     if block_size is not None:
-        if block_size < 1 or block_size & (block_size - 1):
+        if not is_power_of_two(block_size):
             raise ValueError(f"--block-size {block_size} is not a power of two; Walsh blocks exist for 1, 2, 4, ...")
         fields = [f for m in rotations for f in ("block_size", "transform_block_size") if f in type(m).model_fields]
         if not fields:
@@ -224,7 +226,7 @@ def diagnose(
 def _describe(args) -> str:
     """``FP4 e2m1, groups of 16, scales float8_e4m3fn + global`` style name of float QuantizationArgs."""
     scales = str(args.scale_dtype).replace("torch.", "") if args.scale_dtype is not None else "float"
-    glob = " + global" if str(getattr(args.strategy, "value", args.strategy)) == "tensor_group" else ""
+    glob = " + global" if _has_global_scale(args) else ""
     return f"FP{args.num_bits}, groups of {args.group_size}, scales {scales}{glob}"
 
 

@@ -172,7 +172,7 @@ class FRTQModifier(GSRModifier):
         """The weight and activation grids (None where that term is off): explicit
         fields, else the first quantization modifier after this one in the recipe."""
         weights, activations = _following_quantizer_args(self)
-        if weights is not None and str(weights.type) in ("float", "QuantizationType.FLOAT") and self.weight_bits is None:
+        if is_float_format(weights) and self.weight_bits is None:
             raise ValueError(
                 "FRTQModifier learns for an integer grid (uniform steps: rho = step / std), and the "
                 f"quantizer after it uses {weights.num_bits}-bit floating-point weights (FP4/FP8), whose "
@@ -391,6 +391,13 @@ def first_quantizer_args(modifiers) -> tuple:
                 if scheme.weights is not None:
                     return scheme.weights, scheme.input_activations
     return None, None
+
+
+def is_float_format(args) -> bool:
+    """Whether QuantizationArgs (or None) describe a floating-point grid (FP4/FP8)."""
+    from compressed_tensors.quantization import QuantizationType
+
+    return args is not None and args.type == QuantizationType.FLOAT
 
 
 def _following_quantizer_args(modifier) -> tuple:
