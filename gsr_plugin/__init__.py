@@ -18,7 +18,7 @@ from gsr_plugin.modifiers.frtq import FRTQModifier  # noqa: E402
 from gsr_plugin.modifiers.gsr import GSRModifier, GSRRotation  # noqa: E402
 from gsr_plugin.modifiers.lowrank import LowRankModifier  # noqa: E402
 from gsr_plugin.modifiers.random import RandomRotationModifier  # noqa: E402
-from gsr_plugin.rotation import rotate  # noqa: E402
+from gsr_plugin.modifiers.standalone import rotate  # noqa: E402
 from gsr_plugin.transform import NATURAL_WALSH, SEQUENCY_WALSH, register_transform_types  # noqa: E402
 
 __all__ = ["GSRModifier", "GSRRotation", "FRTQModifier", "LowRankModifier", "RandomRotationModifier", "rotate", "SEQUENCY_WALSH", "NATURAL_WALSH", "register"]

@@ -121,7 +121,7 @@ def quantize_optimum(model_dir: str | Path, tokenizer, windows: torch.Tensor, se
     forward, after which they can no longer be saved."""
     from transformers import AutoModelForCausalLM, GPTQConfig
 
-    from gsr_plugin.rotation import rotate
+    from gsr_plugin.modifiers.standalone import rotate
 
     if api not in APIS:
         raise ValueError(f"api must be one of {APIS}, not {api!r}")
@@ -155,7 +155,7 @@ def save_gptq(model, quantizer, output: str | Path, tokenizer=None) -> Path:
     quantizer's settings after that conversion (its real ``format``), no calibration
     dataset in any config, and the rotation record in ``meta.gsr_rotation``. The
     in-memory model stays usable (converted back to the v2 layout its kernels read)."""
-    from gsr_plugin.rotation import ROTATION_RECORD
+    from gsr_plugin.modifiers.standalone import ROTATION_RECORD
 
     output = Path(output)
     repacked = [n for n, m in model.named_modules() if getattr(m, "linear_mode", None) == "inference"]

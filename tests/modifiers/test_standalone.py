@@ -1,4 +1,4 @@
-"""gsr_plugin.rotate: the modifiers' exact fusion without oneshot, for quantizers that
+"""gsr_plugin.rotate (gsr_plugin/modifiers/standalone.py): the modifiers' exact fusion without oneshot, for quantizers that
 take a plain transformers model (Optimum, gptqmodel): the same oracles as GSRModifier."""
 
 import json
