@@ -157,7 +157,7 @@ def gsr_vs_gptq(calib_samples: int, calib_len: int) -> dict:
     from llmcompressor import oneshot
 
     from gsr_plugin import GSRModifier
-    from gsr_plugin.cli.recipes import RecipeSetting, recipe_yaml
+    from gsr_plugin.recipes import RecipeSetting, recipe_yaml
 
     tokenizer, data, model, model_bytes = _default_model_and_data(calib_samples, calib_len)
     with PeakRSS() as memory:
@@ -183,7 +183,7 @@ def frtq_vs_gptq(calib_samples: int, calib_len: int) -> dict:
     from llmcompressor import oneshot
 
     from gsr_plugin import FRTQModifier
-    from gsr_plugin.cli.recipes import RecipeSetting, recipe_yaml
+    from gsr_plugin.recipes import RecipeSetting, recipe_yaml
 
     tokenizer, data, model, model_bytes = _default_model_and_data(calib_samples, calib_len)
     frtq = FRTQModifier(rotations=["R1", "R2", "R4"], weight_bits=4, weight_group_size=64, weight_symmetric=False,
@@ -259,7 +259,7 @@ def _gptq_seconds(fields: dict, layers: int, calib_samples: int, calib_len: int)
     from llmcompressor import oneshot
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from gsr_plugin.cli.recipes import RecipeSetting, recipe_yaml
+    from gsr_plugin.recipes import RecipeSetting, recipe_yaml
     from gsr_plugin.eval.models import resolve_model
 
     model = _random_model(fields, layers)

@@ -32,7 +32,7 @@ import sys
 from pathlib import Path
 
 from gsr_plugin.cli.compare import run_settings
-from gsr_plugin.cli.recipes import METHODS, RecipeSetting
+from gsr_plugin.recipes import METHODS, RecipeSetting
 
 # the list: no rotation; full-width random orthogonal; natural-order Hadamard
 # blocks; random-sign Hadamard blocks; sequency blocks (GSR); GSR with random signs

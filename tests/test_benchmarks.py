@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from gsr_plugin.cli.compare import run_key
-from gsr_plugin.cli.recipes import recipe_yaml
+from gsr_plugin.recipes import recipe_yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 

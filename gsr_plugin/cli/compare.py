@@ -18,7 +18,7 @@ from gsr_plugin.eval.data import calibration_windows, find_data_dir, wikitext2_t
 from gsr_plugin.eval.models import resolve_model
 from gsr_plugin.eval.perplexity import perplexity
 from gsr_plugin.eval.size import bits_per_weight
-from gsr_plugin.cli.recipes import METHODS, RecipeSetting, recipe_yaml
+from gsr_plugin.recipes import METHODS, RecipeSetting, recipe_yaml
 
 __all__ = ["CompareSettings", "DEFAULT_METHODS", "compare", "run_settings", "run_key", "markdown_table", "plot"]
 

@@ -309,7 +309,7 @@ def _default_device() -> str:
 
 
 def cmd_recipes(args) -> int:
-    from gsr_plugin.cli.recipes import METHODS, recipes_dir
+    from gsr_plugin.recipes import METHODS, recipes_dir
 
     if args.methods:
         for name, text in METHODS.items():

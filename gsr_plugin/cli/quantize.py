@@ -16,7 +16,7 @@ import torch
 
 from gsr_plugin.eval.data import calibration_windows
 from gsr_plugin.eval.models import resolve_model
-from gsr_plugin.cli.recipes import resolve_recipe
+from gsr_plugin.recipes import resolve_recipe
 
 __all__ = ["OutputExistsError", "quantize", "atomic_directory", "PROVENANCE_FILE"]
 

@@ -64,7 +64,7 @@ def recipe_for_optimum(recipe: str):
     from llmcompressor.recipe import Recipe
 
     import gsr_plugin  # noqa: F401
-    from gsr_plugin.cli.recipes import resolve_recipe
+    from gsr_plugin.recipes import resolve_recipe
 
     source = recipe if "\n" in recipe else str(resolve_recipe(recipe))  # YAML text, or a file / shipped name
     modifiers = Recipe.create_instance(source).modifiers

@@ -138,7 +138,7 @@ def rotation_part(recipe: str, block_size: int | None = None):
     from llmcompressor.recipe import Recipe
 
     import gsr_plugin  # noqa: F401  (registers the modifiers for YAML)
-    from gsr_plugin.cli.recipes import resolve_recipe
+    from gsr_plugin.recipes import resolve_recipe
     from gsr_plugin.modifiers.frtq import FRTQModifier, first_quantizer_args, is_float_format
 
     modifiers = Recipe.create_instance(str(resolve_recipe(recipe))).modifiers

@@ -59,7 +59,7 @@ def test_plot_skips_infinite_points(tmp_path):
 
 def test_resume_keeps_finished_runs_and_redoes_nothing(tiny_checkpoints, small_data, tmp_path, monkeypatch):
     from gsr_plugin.cli.compare import run_settings
-    from gsr_plugin.cli.recipes import RecipeSetting
+    from gsr_plugin.recipes import RecipeSetting
 
     settings = [RecipeSetting("none", 4, 32, symmetric=False), RecipeSetting("gsr", 4, 32, symmetric=False, block_size=16)]
     kwargs = dict(calib_samples=2, calib_len=16, ppl_windows=1, data_dir=str(small_data))

@@ -1,11 +1,11 @@
-"""gsr_plugin.cli.recipes: the shipped files are what the code builds, and they parse."""
+"""gsr_plugin.recipes: the shipped files are what the code builds, and they parse."""
 
 import pytest
 import yaml
 from llmcompressor.recipe import Recipe
 
 from gsr_plugin import GSRModifier
-from gsr_plugin.cli.recipes import (
+from gsr_plugin.recipes import (
     DEFAULT_MODEL_HEAD_DIM,
     METHODS,
     RecipeSetting,

@@ -1,6 +1,6 @@
 """Recipes: one function builds every rotation + GPTQ setting that ``gsr compare``
 runs, and the YAML files in ``recipes/`` are written from it (``python -m
-gsr_plugin.cli.recipes``), so a file and the comparison that cites it cannot drift.
+gsr_plugin.recipes``), so a file and the comparison that cites it cannot drift.
 
 A file name spells its setting: ``{method}_w{bits}a{act}[_g{group}|_ch][_asym]_gptq.yaml``
 (``ch``: one scale per output channel; ``asym``: with zero points), or for llm-compressor's
@@ -212,7 +212,7 @@ def recipe_yaml(setting: RecipeSetting, head_dim: int | None = None) -> str:
     header = f"# {setting.name}: {setting.description}.\n"
     if setting.method in ("hadamard", "random_hadamard", "spinquant_gsr") and setting.block_size is None:
         header += f"# Rotation blocks of {head_dim} (the default model's head_dim).\n"
-    header += "# Written by `python -m gsr_plugin.cli.recipes`; `gsr compare` runs the same recipe.\n"
+    header += "# Written by `python -m gsr_plugin.recipes`; `gsr compare` runs the same recipe.\n"
     return header + yaml.safe_dump(build_recipe(setting, head_dim), sort_keys=False)
 
 
@@ -263,7 +263,7 @@ def recipes_dir() -> Path:
     """``$GSR_RECIPES_DIR``, else ``recipes/`` of this checkout."""
     if os.environ.get("GSR_RECIPES_DIR"):
         return Path(os.environ["GSR_RECIPES_DIR"])
-    return Path(__file__).resolve().parents[2] / "recipes"
+    return Path(__file__).resolve().parents[1] / "recipes"
 
 
 def resolve_recipe(name_or_path: str) -> Path:
