@@ -4,7 +4,7 @@ after what changes the weights it quantizes) and for reading the quantizer's gri
 
 from __future__ import annotations
 
-__all__ = ["modifiers_around", "check_before_quantizers"]
+__all__ = ["modifiers_around", "check_before_quantizers", "first_quantizer_args", "following_quantizer_args", "is_float_format"]
 
 
 def modifiers_around(modifier) -> tuple[list, list] | None:
@@ -34,3 +34,29 @@ def check_before_quantizers(modifier, why: str, where: str = "") -> None:
         raise ValueError(
             f"{name} comes after {', '.join(earlier)} in the recipe; {why}. Move {name} before {earlier[0]}{where}."
         )
+
+
+def first_quantizer_args(modifiers) -> tuple:
+    """(weights, input_activations) QuantizationArgs of the first quantization
+    modifier in ``modifiers`` (its first config group with weights); (None, None)."""
+    from llmcompressor.modifiers.quantization import QuantizationMixin
+
+    for modifier in modifiers:
+        if isinstance(modifier, QuantizationMixin):
+            for scheme in modifier.resolved_config.config_groups.values():
+                if scheme.weights is not None:
+                    return scheme.weights, scheme.input_activations
+    return None, None
+
+
+def following_quantizer_args(modifier) -> tuple:
+    """``first_quantizer_args`` of the modifiers after ``modifier`` in the active recipe."""
+    around = modifiers_around(modifier)
+    return (None, None) if around is None else first_quantizer_args(around[1])
+
+
+def is_float_format(args) -> bool:
+    """Whether QuantizationArgs (or None) describe a floating-point grid (FP4/FP8)."""
+    from compressed_tensors.quantization import QuantizationType
+
+    return args is not None and args.type == QuantizationType.FLOAT

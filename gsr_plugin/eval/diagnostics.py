@@ -139,7 +139,8 @@ def rotation_part(recipe: str, block_size: int | None = None):
 
     import gsr_plugin  # noqa: F401  (registers the modifiers for YAML)
     from gsr_plugin.recipes import resolve_recipe
-    from gsr_plugin.modifiers.frtq import FRTQModifier, first_quantizer_args, is_float_format
+    from gsr_plugin.modifiers.frtq import FRTQModifier
+    from gsr_plugin.session import first_quantizer_args, is_float_format
 
     modifiers = Recipe.create_instance(str(resolve_recipe(recipe))).modifiers
     split = next((i for i, m in enumerate(modifiers) if isinstance(m, QuantizationMixin)), len(modifiers))

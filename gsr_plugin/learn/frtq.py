@@ -1,6 +1,7 @@
 """FRTQ's learning problem: orthogonal R1 (residual stream) and R2 (per layer, every
-head) that minimize the grid-to-std ratio of what gets quantized. Torch only: the
-modifier (``gsr_plugin.modifiers.frtq``) hands over plain tensors taken from the model.
+head) that minimize the grid-to-std ratio of what gets quantized. Torch only:
+``gsr_plugin.calibration`` reads the plain tensors off the model, and the modifier
+(``gsr_plugin.modifiers.frtq``) hands them over.
 
 With the stream rotated ``h -> h R1`` and each head's values ``v -> v R2_l``:
 
@@ -32,8 +33,9 @@ from tqdm import tqdm
 
 from gsr_plugin.learn.objectives import SmoothMax, grid_to_std_ratio
 from gsr_plugin.learn.orthogonal import OrthogonalMatrices, rotate_inputs, rotate_output_blocks
+from gsr_plugin.walsh import walsh_matrix
 
-__all__ = ["Grid", "LayerWeights", "FRTQProblem", "LearnResult", "learn_rotations"]
+__all__ = ["Grid", "LayerWeights", "FRTQProblem", "LearnResult", "initial_blocks", "learn_rotations"]
 
 
 @dataclass(frozen=True)
@@ -136,6 +138,20 @@ class FRTQProblem:
         if wgt:
             total = total + self.weight_factor * torch.stack(wgt).mean()
         return total
+
+
+def initial_blocks(init: str, size: int, width: int, block: int, seed: int) -> Tensor:
+    """``(width // size, size, size)`` float64 orthogonal blocks: each is ``init`` in
+    blocks of ``block`` (``gsr``: sequency Walsh blocks repeated, ``natural``:
+    Sylvester-order ones; ``random``: seeded random orthogonal)."""
+    count = width // size
+    if init == "random":
+        generator = torch.Generator().manual_seed(seed)
+        q, r = torch.linalg.qr(torch.randn(count, size, size, generator=generator, dtype=torch.float64))
+        return q * torch.sign(torch.diagonal(r, dim1=-2, dim2=-1))[:, None, :]
+    walsh = walsh_matrix(block, "sequency" if init == "gsr" else "natural", normalized=True, dtype=torch.float64)
+    one = torch.block_diag(*([walsh] * (size // block)))
+    return one.expand(count, size, size).clone()
 
 
 @dataclass

@@ -5,9 +5,10 @@ FRTQ ("Flattened Rotation TSVD Quantization") learns rotations at the model's
 function-invariant points (R1: the residual stream; R2: each layer's heads) by
 minimizing ``rho = step / std`` of the activations and weight groups the quantizer
 sees, and keeps one online rotation, the fixed grouped Walsh R4 at down_proj's input.
-This file is the glue: it reads the quantizer's grid from the recipe, caches a token
-subsample of the model's activations, hands plain tensors to ``gsr_plugin.learn.frtq``
-(the math, torch only), and fuses the learned matrices through the lifecycle every
+This file is the glue: it reads the quantizer's grid from the recipe
+(``gsr_plugin.session``), has the problem read off the model (``gsr_plugin.calibration``:
+a token subsample of the activations, sampled weights), hands it to
+``gsr_plugin.learn.frtq`` (the math, torch only), and fuses the learned matrices through the lifecycle every
 rotation shares (``gsr_plugin.rotation``), so the model computes the same function to
 float rounding. Learning runs on the cached activations, with no backpropagation
 through the network (as DartQuant, NeurIPS 2025, does).
@@ -16,27 +17,25 @@ through the network (as DartQuant, NeurIPS 2025, does).
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Literal
 
 import torch
 from compressed_tensors import match_named_modules
-from compressed_tensors.offload import align_module_device, get_execution_device
 from compressed_tensors.transform import TransformFactory, TransformScheme
 from loguru import logger
 from pydantic import Field, PrivateAttr, field_validator, model_validator
-from tqdm import tqdm
 
-from gsr_plugin.learn.frtq import FRTQProblem, Grid, LayerWeights, LearnResult, learn_rotations
+from gsr_plugin.calibration import frtq_problem
+from gsr_plugin.learn.frtq import Grid, LearnResult, initial_blocks, learn_rotations
 from gsr_plugin.modifiers.gsr import GSRModifier
 from gsr_plugin.rotation import head_dim_of
 from gsr_plugin.saving import write_beside_checkpoint
-from gsr_plugin.session import modifiers_around
+from gsr_plugin.session import following_quantizer_args, is_float_format
 from gsr_plugin.transform import LEARNED_ORTHOGONAL, LearnedRotationFactory
-from gsr_plugin.walsh import grouped_rotation, walsh_matrix
+from gsr_plugin.walsh import grouped_rotation
 
-__all__ = ["FRTQModifier", "ROTATIONS_FILE", "first_quantizer_args", "load_rotations", "save_rotations"]
+__all__ = ["FRTQModifier", "ROTATIONS_FILE", "load_rotations", "save_rotations"]
 
 # in a subfolder: vLLM loads every *.safetensors at a checkpoint's top level as weights
 ROTATIONS_FILE = "frtq/rotations.safetensors"
@@ -171,7 +170,7 @@ class FRTQModifier(GSRModifier):
     def _resolve_grids(self) -> tuple[Grid | None, Grid | None]:
         """The weight and activation grids (None where that term is off): explicit
         fields, else the first quantization modifier after this one in the recipe."""
-        weights, activations = _following_quantizer_args(self)
+        weights, activations = following_quantizer_args(self)
         if is_float_format(weights) and self.weight_bits is None:
             raise ValueError(
                 "FRTQModifier learns for an integer grid (uniform steps: rho = step / std), and the "
@@ -254,156 +253,19 @@ class FRTQModifier(GSRModifier):
             r2_init = torch.cat(
                 [initial_blocks(self.init, head_dim, head_dim, head_dim, self.seed + 1 + layer) for layer in range(layers)]
             )
-        stream, o_inputs = None, []
-        if self._activation_grid is not None and self.steps > 0:
-            stream, o_inputs = self._cache_activations(model)
-        problem = FRTQProblem(
-            stream=stream if "R1" in self.learned_rotations else None,
-            o_inputs=o_inputs if "R2" in self.learned_rotations else [],
-            layers=self._layer_weights(model, r1_init.shape[-1]) if self._weight_grid is not None else [],
-            activation_grid=self._activation_grid,
-            weight_grid=self._weight_grid,
-            activation_factor=self.activation_factor,
-            weight_factor=self.weight_factor,
-            smooth=self.smooth_max,
-            sharpness=self.sharpness,
-        )
-        return learn_rotations(problem, r1_init, r2_init, self.steps, self.lr, self.seed)
-
-    def _layer_modules(self, model: torch.nn.Module) -> list[dict[str, torch.nn.Module]]:
-        """Per decoder layer: its q, k, v, o, mlp inputs and down modules."""
-        m = self._mapping
-        roles = {"q": m.attn_q, "k": m.attn_k, "v": m.attn_v, "o": m.attn_o, "down": m.mlp_out}
-        found = {
-            role: [module for _, module in match_named_modules(model, pattern if isinstance(pattern, list) else [pattern])]
-            for role, pattern in roles.items()
-        }
-        found["mlp_in"] = [
-            [module for _, module in match_named_modules(model, [pattern])] for pattern in m.mlp_in
-        ]
-        layers = len(found["v"])
-        if any(len(found[r]) != layers for r in roles) or any(len(x) != layers for x in found["mlp_in"]):
-            raise ValueError(
-                f"FRTQModifier expects one of each of {', '.join(roles)} and the MLP inputs per layer; "
-                "check mappings"
-            )
-        return [
-            {**{role: found[role][i] for role in roles}, "mlp_in": [x[i] for x in found["mlp_in"]]}
-            for i in range(layers)
-        ]
-
-    def _layer_weights(self, model: torch.nn.Module, r1_block: int) -> list[LayerWeights]:
-        """Each layer's weights as the quantizer will see them (norms already fused),
-        sampled: ``weight_rows`` rows of the readers, whole R1 blocks of the writers."""
-        generator = torch.Generator().manual_seed(self.seed)
         r4 = None
         if "R4" in self.rotations:
-            r4 = grouped_rotation(model.config.intermediate_size, self.r4_block_size, self.ordering, dtype=torch.float32)
-        blocks = model.config.hidden_size // r1_block
-        keep = min(blocks, max(1, math.ceil(self.weight_rows / r1_block)))
-        out = []
-        for modules in tqdm(self._layer_modules(model), desc="FRTQ sampling weights", leave=False):
-            readers = []
-            for module in (modules["q"], modules["k"], *modules["mlp_in"]):
-                w = _weight(module)
-                rows = torch.randperm(w.shape[0], generator=generator)[: self.weight_rows]
-                readers.append(w[rows])
-            o_blocks = torch.randperm(blocks, generator=generator)[:keep]
-            down_blocks = torch.randperm(blocks, generator=generator)[:keep]
-            o, down = _weight(modules["o"]), _weight(modules["down"])
-            if r4 is not None:
-                down = down @ r4
-            pick = lambda w, index: w.reshape(blocks, r1_block, -1)[index].reshape(-1, w.shape[-1])  # noqa: E731
-            out.append(LayerWeights(
-                readers=torch.cat(readers), v=_weight(modules["v"]),
-                o=pick(o, o_blocks), o_blocks=o_blocks, down=pick(down, down_blocks), down_blocks=down_blocks,
-            ))
-        return out
-
-    @torch.no_grad()
-    def _cache_activations(self, model: torch.nn.Module) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """A seeded subsample of ``tokens`` real (unpadded) calibration tokens per
-        layer at the inputs R1 rotates (q/k/v, the MLP inputs) and at o_proj's input
-        (R2), from forward passes of the model as it is now (norms fused: these are the
-        inputs the quantizer sees)."""
-        batches = list(self._calibration)
-        per_batch = max(1, math.ceil(self.tokens / max(1, len(batches))))
-        generator = torch.Generator().manual_seed(self.seed)
-        layers = self._layer_modules(model)
-        stream: list[list[torch.Tensor]] = [[] for _ in range(2 * len(layers))]
-        o_inputs: list[list[torch.Tensor]] = [[] for _ in layers]
-        keep: dict[str, torch.Tensor] = {}
-
-        def sample(x: torch.Tensor) -> torch.Tensor:
-            x = x.reshape(-1, x.shape[-1])
-            return x[keep["index"].to(x.device)].float().cpu()
-
-        hooks = []
-        for i, modules in enumerate(layers):
-            hooks.append(modules["q"].register_forward_pre_hook(lambda m, a, i=i: stream[2 * i].append(sample(a[0]))))
-            hooks.append(modules["mlp_in"][0].register_forward_pre_hook(lambda m, a, i=i: stream[2 * i + 1].append(sample(a[0]))))
-            hooks.append(modules["o"].register_forward_pre_hook(lambda m, a, i=i: o_inputs[i].append(sample(a[0]))))
-        device = get_execution_device(model)
-        try:
-            for batch in tqdm(batches, desc="FRTQ caching activations", leave=False):
-                batch = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
-                mask = batch.get("attention_mask")
-                valid = (mask.reshape(-1) > 0).nonzero().flatten().cpu() if mask is not None else torch.arange(
-                    batch["input_ids"].numel()
-                )
-                keep["index"] = valid[torch.randperm(len(valid), generator=generator)[:per_batch]]
-                model(**batch, use_cache=False)
-        finally:
-            for hook in hooks:
-                hook.remove()
-        heads, head_dim = model.config.num_attention_heads, head_dim_of(model.config)
-        stream_tokens = torch.cat([torch.cat(x)[: self.tokens] for x in stream])
-        o_tokens = [torch.cat(x)[: self.tokens].reshape(-1, heads, head_dim) for x in o_inputs]
-        return stream_tokens, o_tokens
-
-
-def _weight(module: torch.nn.Module) -> torch.Tensor:
-    with align_module_device(module):
-        return module.weight.detach().float().cpu()
-
-
-def initial_blocks(init: str, size: int, width: int, block: int, seed: int) -> torch.Tensor:
-    """``(width // size, size, size)`` float64 orthogonal blocks: each is ``init`` in
-    blocks of ``block`` (Walsh blocks repeated; or seeded random orthogonal)."""
-    count = width // size
-    if init == "random":
-        generator = torch.Generator().manual_seed(seed)
-        q, r = torch.linalg.qr(torch.randn(count, size, size, generator=generator, dtype=torch.float64))
-        return q * torch.sign(torch.diagonal(r, dim1=-2, dim2=-1))[:, None, :]
-    walsh = walsh_matrix(block, "sequency" if init == "gsr" else "natural", normalized=True, dtype=torch.float64)
-    one = torch.block_diag(*([walsh] * (size // block)))
-    return one.expand(count, size, size).clone()
-
-
-def first_quantizer_args(modifiers) -> tuple:
-    """(weights, input_activations) QuantizationArgs of the first quantization
-    modifier in ``modifiers`` (its first config group with weights); (None, None)."""
-    from llmcompressor.modifiers.quantization import QuantizationMixin
-
-    for modifier in modifiers:
-        if isinstance(modifier, QuantizationMixin):
-            for scheme in modifier.resolved_config.config_groups.values():
-                if scheme.weights is not None:
-                    return scheme.weights, scheme.input_activations
-    return None, None
-
-
-def is_float_format(args) -> bool:
-    """Whether QuantizationArgs (or None) describe a floating-point grid (FP4/FP8)."""
-    from compressed_tensors.quantization import QuantizationType
-
-    return args is not None and args.type == QuantizationType.FLOAT
-
-
-def _following_quantizer_args(modifier) -> tuple:
-    """``first_quantizer_args`` of the modifiers after ``modifier`` in the active recipe."""
-    around = modifiers_around(modifier)
-    return (None, None) if around is None else first_quantizer_args(around[1])
+            r4 = grouped_rotation(config.intermediate_size, self.r4_block_size, self.ordering, dtype=torch.float32)
+        problem = frtq_problem(
+            model, self._mapping,
+            learn_r1="R1" in self.learned_rotations, learn_r2="R2" in self.learned_rotations,
+            r1_block=r1_init.shape[-1], activation_grid=self._activation_grid, weight_grid=self._weight_grid,
+            calibration=self._calibration if self.steps > 0 else None,
+            tokens=self.tokens, weight_rows=self.weight_rows, r4=r4, seed=self.seed,
+            activation_factor=self.activation_factor, weight_factor=self.weight_factor,
+            smooth=self.smooth_max, sharpness=self.sharpness,
+        )
+        return learn_rotations(problem, r1_init, r2_init, self.steps, self.lr, self.seed)
 
 
 def _record(result: LearnResult) -> dict:
