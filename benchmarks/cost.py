@@ -99,7 +99,8 @@ def vllm_lora_overhead(checkpoint: str, repeats: int = 3) -> dict:
     import shutil
     import tempfile
 
-    from gsr_plugin.serving.check import PROMPTS, REFERENCES, run_vllm
+    from gsr_plugin.serving.agreement import PROMPTS, REFERENCES
+    from gsr_plugin.serving.runner import run_vllm
 
     with tempfile.TemporaryDirectory() as work:
         bare = Path(work) / "bare"

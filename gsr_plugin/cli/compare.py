@@ -103,7 +103,6 @@ def run_settings(
     memory) and measure WikiText-2 perplexity; ``out_json`` is rewritten after every
     run. With ``resume``, runs already in ``out_json`` under the same calibration and
     evaluation settings are kept instead of repeated."""
-    import gsr_plugin  # noqa: F401
     from datasets import Dataset
     from llmcompressor import oneshot
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer

@@ -186,7 +186,7 @@ def cmd_quantize(args) -> int:
 def _say_servability(checkpoint, kernels=None) -> None:
     """Where vLLM serves the checkpoint: this CPU (its kernel build, probed where the
     vLLM environment exists, else predicted), and GPU (by vLLM's rules)."""
-    from gsr_plugin.serving.check import local_vllm_kernels, unservable_reasons
+    from gsr_plugin.serving.rules import local_vllm_kernels, unservable_reasons
 
     kernels = kernels or local_vllm_kernels()
     cpu, gpu = unservable_reasons(checkpoint, "cpu", kernels), unservable_reasons(checkpoint, "cuda")

@@ -77,7 +77,6 @@ def quantize(
                                  data_dir=data_dir, overwrite=overwrite, api=api)
     if engine != "llmcompressor":
         raise ValueError(f"engine must be 'llmcompressor' or 'optimum', not {engine!r}")
-    import gsr_plugin  # noqa: F401  (registers GSRModifier for YAML recipes)
     from datasets import Dataset
     from llmcompressor import oneshot
     from llmcompressor.recipe import Recipe

@@ -63,7 +63,6 @@ def recipe_for_optimum(recipe: str):
     from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationMixin
     from llmcompressor.recipe import Recipe
 
-    import gsr_plugin  # noqa: F401
     from gsr_plugin.recipes import resolve_recipe
 
     source = recipe if "\n" in recipe else str(resolve_recipe(recipe))  # YAML text, or a file / shipped name

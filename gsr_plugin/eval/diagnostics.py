@@ -137,7 +137,6 @@ def rotation_part(recipe: str, block_size: int | None = None):
     from llmcompressor.modifiers.quantization import QuantizationMixin
     from llmcompressor.recipe import Recipe
 
-    import gsr_plugin  # noqa: F401  (registers the modifiers for YAML)
     from gsr_plugin.recipes import resolve_recipe
     from gsr_plugin.modifiers.frtq import FRTQModifier
     from gsr_plugin.session import first_quantizer_args, is_float_format

