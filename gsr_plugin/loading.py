@@ -22,14 +22,16 @@ from compressed_tensors.transform import TransformConfig, TransformFactory
 from compressed_tensors.transform.apply import _register_tied_transform_weights
 from compressed_tensors.transform.factory.base import TransformBase
 
-__all__ = ["online_transform_config", "load_with_online_transforms", "attach_online_transforms", "ADAPTER_DIR"]
+from gsr_plugin.saving import ADAPTER_DIR
 
-ADAPTER_DIR = "lora"  # LowRankModifier's PEFT adapter, beside the checkpoint
+__all__ = ["online_transform_config", "load_with_online_transforms", "attach_online_transforms"]
 
 
 def online_transform_config(config: dict | TransformConfig | None) -> TransformConfig | None:
-    """The schemes of ``config`` cut to their online locations; None if there are none."""
-    if config is None:
+    """The schemes of ``config`` cut to their online locations; None if there are none.
+    An empty ``config`` (``{}``: what compressed-tensors writes for a checkpoint saved
+    without a rotation) has none."""
+    if not config or isinstance(config, dict) and not config.get("config_groups"):
         return None
     config = config if isinstance(config, TransformConfig) else TransformConfig.model_validate(config)
     groups = {}
@@ -86,7 +88,8 @@ def load_with_online_transforms(checkpoint: str | Path, dtype="auto", **kwargs):
     """``AutoModelForCausalLM.from_pretrained`` plus the checkpoint's online
     transforms and its low-rank adapter (``lora/``, through PEFT, kept unmerged: the
     adapter runs in 16-bit beside the quantized layer): the saved model computes what
-    it computed before saving.
+    it computed before saving. A local checkpoint's files are checked first
+    (``gsr_plugin.checkpoint``: ``CheckpointError`` naming the file and the fix).
 
     A rotation-only checkpoint (transforms, no quantization) has a
     ``quantization_config`` without ``config_groups``, which transformers 5's
@@ -94,7 +97,10 @@ def load_with_online_transforms(checkpoint: str | Path, dtype="auto", **kwargs):
     'config_groups'``); its weights are plain, so it is loaded without that entry."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    qconfig = json.loads((Path(checkpoint) / "config.json").read_text()).get("quantization_config") or {}
+    from gsr_plugin.checkpoint import check_checkpoint, looks_like_path
+
+    local = Path(checkpoint).exists() or looks_like_path(str(checkpoint))
+    qconfig = (check_checkpoint(checkpoint).get("quantization_config") or {}) if local else {}
     rotation_only = qconfig.get("quant_method") == "compressed-tensors" and not qconfig.get("config_groups")
     if rotation_only and "config" not in kwargs:
         config = AutoConfig.from_pretrained(checkpoint)

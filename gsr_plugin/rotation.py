@@ -45,7 +45,7 @@ from gsr_plugin.mappings import (
 )
 from gsr_plugin.transform import is_linear_like
 
-__all__ = ["Rotation", "FusedRotationModifier", "head_dim_of", "mlp_widths", "check_paired", "ONLINE_PRECISION"]
+__all__ = ["Rotation", "FusedRotationModifier", "head_dim_of", "mlp_widths", "check_paired", "transformed_size", "ONLINE_PRECISION"]
 
 
 class Rotation(str, Enum):
@@ -364,7 +364,7 @@ def _check_targets(model: torch.nn.Module, config: TransformConfig, name: str) -
             if args.location in ("q_attn", "k_cache"):
                 continue  # per head: head_dim was checked with the block sizes
             for module_name, module in kept.items():
-                size = _transformed_size(module, args.location)
+                size = transformed_size(module, args.location)
                 if size % scheme.head_dim:
                     raise ValueError(
                         f"{group} block {scheme.head_dim} does not divide {module_name}'s "
@@ -384,7 +384,8 @@ def check_paired(model: torch.nn.Module, a: TransformArgs, b: TransformArgs, fix
         raise ValueError(f"ignore rotates the two sides of {odd[:3]} differently; {fix}")
 
 
-def _transformed_size(module: torch.nn.Module, location: str) -> int:
+def transformed_size(module: torch.nn.Module, location: str) -> int:
+    """The width a transform at ``location`` of ``module`` (Linear or Embedding) acts on."""
     if isinstance(module, torch.nn.Embedding):
         return module.embedding_dim if location == "weight_output" else module.num_embeddings
     if is_linear_like(type(module)):

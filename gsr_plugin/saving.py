@@ -16,7 +16,9 @@ from typing import Callable
 
 import torch
 
-__all__ = ["write_beside_checkpoint"]
+__all__ = ["ADAPTER_DIR", "write_beside_checkpoint"]
+
+ADAPTER_DIR = "lora"  # LowRankModifier's PEFT adapter, beside the checkpoint
 
 
 def write_beside_checkpoint(model: torch.nn.Module, name: str, writer: Callable[[Path], object]) -> None:

@@ -183,3 +183,26 @@ def logits(model, tokens):
 
 def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out - ref).abs().max() / ref.abs().max()).item()
+
+
+@pytest.fixture(scope="session")
+def unrotated_checkpoint(tiny_checkpoints, tmp_path_factory):
+    """unrotated_checkpoint(scheme): the tiny llama quantized with llm-compressor's
+    preset ``scheme`` (QuantizationModifier, no rotation: ``"transform_config": {}``),
+    saved with its tokenizer; built once per scheme."""
+    from llmcompressor.modifiers.quantization import QuantizationModifier
+    from transformers import AutoModelForCausalLM
+
+    built = {}
+
+    def get(scheme: str = "W4A16"):
+        if scheme not in built:
+            out = tmp_path_factory.mktemp(f"unrotated-{scheme.lower()}")
+            model = AutoModelForCausalLM.from_pretrained(tiny_checkpoints["llama"], dtype=torch.float32)
+            run_oneshot(model, [QuantizationModifier(targets="Linear", scheme=scheme, ignore=["lm_head"])])
+            model.save_pretrained(out)
+            byte_tokenizer().save_pretrained(out)
+            built[scheme] = out
+        return built[scheme]
+
+    return get

@@ -26,6 +26,7 @@ LAYERS = {
     "gsr_plugin.session": 2,
     "gsr_plugin.saving": 2,
     "gsr_plugin.loading": 2,
+    "gsr_plugin.checkpoint": 2,
     "gsr_plugin.rotation": 2,
     "gsr_plugin.calibration": 2,
     "gsr_plugin.recipes": 2,

@@ -106,3 +106,18 @@ def test_rotation_only_checkpoint_loads_with_its_logits(tiny_checkpoints, tmp_pa
         in_memory = model(tokens).logits
         restored = load_with_online_transforms(tmp_path, dtype=torch.float32)(tokens).logits
     assert relative_error(restored, in_memory) < 1e-6
+
+
+def test_a_damaged_checkpoint_is_refused_before_transformers_reads_it(tiny_checkpoints, tmp_path, monkeypatch):
+    import shutil
+
+    from gsr_plugin.checkpoint import CheckpointError
+
+    ckpt = shutil.copytree(tiny_checkpoints["llama"], tmp_path / "ckpt")
+    with open(ckpt / "model.safetensors", "r+b") as f:
+        f.truncate(5000)
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", lambda *a, **k: pytest.fail("transformers ran"))
+    with pytest.raises(CheckpointError, match="model.safetensors is truncated"):
+        load_with_online_transforms(ckpt)
+    with pytest.raises(FileNotFoundError, match="no such checkpoint directory"):
+        load_with_online_transforms(tmp_path / "nope")

@@ -19,12 +19,13 @@ import sys
 import warnings
 from pathlib import Path
 
+from gsr_plugin.cli.faults import DiskFullError, Interrupted, signal_of, stop_signals_raise
 from gsr_plugin.eval.data import DataNotFoundError
 
 __all__ = ["main"]
 
 # errors that are the user's to fix: printed as one line, exit code 2
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, DataNotFoundError)
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, DataNotFoundError, DiskFullError)
 
 
 _results = sys.stdout  # where results go; main() sends everything else to stderr
@@ -134,6 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", choices=["cpu", "cuda"], default=None, help="vLLM's platform (default: cuda if available)")
     s.add_argument("--vllm-python", default=None, help="python of an environment with vLLM (default: scripts/vllm_env.sh)")
     s.add_argument("--json", default=None, help="write the report to this file")
+    s.add_argument("--timeout", type=float, default=900, help="seconds vLLM may take before it is stopped (default 900)")
+    s.epilog = ("exit status: 0 vLLM agrees with transformers, 1 it disagrees, 2 the checkpoint or the machine "
+                "cannot be checked (the reason is printed), 3 vLLM died, 4 vLLM did not answer in time")
 
     d = commands.add_parser("diagnose", help="grid-to-std ratios and weight errors per layer type, before/after a recipe's rotations")
     d.add_argument("model", metavar="MODEL", help="hub id, local directory, or 'default'")
@@ -203,8 +207,11 @@ def _say_servability(checkpoint, kernels=None) -> None:
 
 def cmd_eval(args) -> int:
     from gsr_plugin.eval.evaluate import evaluate
+    from gsr_plugin.eval.models import resolve_model
 
     tasks = [t for t in args.tasks.split(",") if t]
+    for model in args.models:  # every checkpoint checked before the first is evaluated
+        resolve_model(model)
     reports = []
     for model in args.models:
         _say(f"evaluating {model}")
@@ -267,13 +274,22 @@ def cmd_compare(args) -> int:
     return 0
 
 
+VLLM_DIED, VLLM_TIMED_OUT = 3, 4  # serve-check's exit status where vLLM gave no answer
+
+
 def cmd_serve_check(args) -> int:
     from gsr_plugin.serving.check import serve_check
+    from gsr_plugin.serving.runner import VllmFailed, VllmTimedOut
 
     device = args.device or _default_device()
     _say(f"serving {args.checkpoint} with vLLM ({device}, {args.dtype}) and transformers")
     python = Path(args.vllm_python) if args.vllm_python else None
-    report = serve_check(args.checkpoint, dtype=args.dtype, max_tokens=args.max_tokens, device=device, python=python)
+    try:
+        report = serve_check(args.checkpoint, dtype=args.dtype, max_tokens=args.max_tokens, device=device, python=python,
+                             timeout=args.timeout)
+    except VllmFailed as error:  # not a verdict on the checkpoint: say which failure it was
+        print(f"gsr serve-check: error: {error}", file=sys.stderr)
+        return VLLM_TIMED_OUT if isinstance(error, VllmTimedOut) else VLLM_DIED
     if args.json:
         Path(args.json).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
     _result(report.text())
@@ -337,8 +353,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # libraries print progress and banners to stdout (gptqmodel's logger does):
         # while a command runs, their stdout goes to stderr; results use _result
-        with contextlib.redirect_stdout(sys.stderr):
+        with contextlib.redirect_stdout(sys.stderr), stop_signals_raise():
             return handler(args)
+    except (KeyboardInterrupt, Interrupted) as error:
+        stop = signal_of(error)
+        during = getattr(error, "gsr_during", "")
+        left = getattr(error, "gsr_left", "")
+        print(f"gsr {args.command}: interrupted by {stop.name}{' ' + during if during else ''}"
+              f"{'; ' + left if left else ''}", file=sys.stderr)
+        return 128 + stop
     except USER_ERRORS as error:
         if args.verbose:
             raise

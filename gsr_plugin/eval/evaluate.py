@@ -137,5 +137,5 @@ def _quantization_summary(path: str) -> str:
         if a:
             text += f" a{a.get('num_bits')} {'dynamic' if a.get('dynamic') else 'static'}"
         parts.append(text)
-    transforms = sorted({g["type"] for g in (qconfig.get("transform_config") or {}).get("config_groups", {}).values()})
+    transforms = sorted({g["type"] for g in ((qconfig.get("transform_config") or {}).get("config_groups") or {}).values()})
     return ", ".join(parts) + (f" + {'/'.join(transforms)} rotations" if transforms else "")

@@ -68,10 +68,18 @@ def default_model_path(cache: Path | None = None) -> Path:
 
 
 def resolve_model(name_or_path: str) -> str:
-    """``default`` (or the model's name) -> the local checkpoint; anything else is
-    returned unchanged for transformers to resolve (hub id or directory)."""
+    """``default`` (or the model's name) -> the local checkpoint; a local directory is
+    checked (``gsr_plugin.checkpoint``: ``FileNotFoundError`` where it does not exist,
+    ``CheckpointError`` where its files are missing, damaged or mismatched) and returned;
+    anything else is returned unchanged for transformers to resolve (a hub id)."""
+    from gsr_plugin.checkpoint import check_checkpoint, looks_like_path
+
     if name_or_path in DEFAULT_MODEL_ALIASES:
         return str(default_model_path())
+    path = Path(name_or_path).expanduser()
+    if path.exists() or looks_like_path(name_or_path) or path.parent != Path(".") and path.parent.is_dir():
+        check_checkpoint(path)
+        return str(path)
     return name_or_path
 
 

@@ -155,8 +155,10 @@ class FRTQModifier(GSRModifier):
             size = self._r1_size(model.config) if name == "R1" else head_dim_of(model.config)
             groups[name] = groups[name].model_copy(update={"type": LEARNED_ORTHOGONAL, "head_dim": size})
         if self.rotations_from is not None:
+            config = model.config
             self._r1, self._r2 = load_rotations(
-                self.rotations_from, self.learned_rotations, self._r1_size(model.config), self._attention_names(model)
+                self.rotations_from, self.learned_rotations, self._r1_size(config), self._attention_names(model),
+                width=config.hidden_size, head_dim=head_dim_of(config),
             )
         elif self.steps > 0 and self._activation_grid is not None and state.data.calib is None:
             raise ValueError(
@@ -301,9 +303,13 @@ def save_rotations(directory: str | Path, modifier: FRTQModifier) -> Path:
     return path
 
 
-def load_rotations(directory: str | Path, rotations: list[str], r1_block: int, layers: list[str]):
+def load_rotations(
+    directory: str | Path, rotations: list[str], r1_block: int, layers: list[str], width: int, head_dim: int
+):
     """(R1 blocks or None, {layer: R2} or None) from ``directory``, checked against the
-    model: ``ValueError`` naming what does not fit."""
+    model (R1: ``(width // r1_block, r1_block, r1_block)``; R2: ``(len(layers),
+    head_dim, head_dim)`` for the same layer names): ``ValueError`` naming the file and
+    both shapes where they differ."""
     from safetensors import safe_open
 
     path = Path(directory) / ROTATIONS_FILE
@@ -314,15 +320,25 @@ def load_rotations(directory: str | Path, rotations: list[str], r1_block: int, l
         if metadata.get("format") != FORMAT:
             raise ValueError(f"{path} is not an FRTQ rotation file (format {metadata.get('format')!r}, expected {FORMAT})")
         tensors = {key: f.get_tensor(key) for key in f.keys()}
+    fix = "learn them for this model (drop rotations_from), or point rotations_from to a checkpoint of this model"
     r1 = r2 = None
     if "R1" in rotations:
-        if "R1" not in tensors or tensors["R1"].shape[-1] != r1_block:
-            found = tuple(tensors["R1"].shape) if "R1" in tensors else "none"
-            raise ValueError(f"{path}: R1 blocks {found} do not fit this model and structure (blocks of {r1_block})")
+        want = (width // r1_block, r1_block, r1_block)
+        found = tuple(tensors["R1"].shape) if "R1" in tensors else "none"
+        if found != want:
+            raise ValueError(
+                f"{path}: R1 has shape {found}, and this model needs {want} (hidden size {width} in blocks of "
+                f"{r1_block}): the rotations do not fit this model; {fix}"
+            )
         r1 = tensors["R1"].to(torch.float64)
     if "R2" in rotations:
         names = json.loads(metadata.get("R2_layers", "[]"))
-        if "R2" not in tensors or names != layers:
-            raise ValueError(f"{path}: R2 was learned for layers {names[:2]}..., not this model's {layers[:2]}...")
+        want = (len(layers), head_dim, head_dim)
+        found = tuple(tensors["R2"].shape) if "R2" in tensors else "none"
+        if found != want or names != layers:
+            raise ValueError(
+                f"{path}: R2 has shape {found} for layers {names[:2]}..., and this model needs {want} for its "
+                f"layers {layers[:2]}...: the rotations do not fit this model; {fix}"
+            )
         r2 = dict(zip(names, tensors["R2"].to(torch.float64).unbind(0)))
     return r1, r2

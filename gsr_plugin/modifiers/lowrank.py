@@ -31,12 +31,11 @@ from llmcompressor.core import Event, State
 from llmcompressor.modifiers import Modifier
 
 from gsr_plugin.learn.lowrank import low_rank_split
-from gsr_plugin.saving import write_beside_checkpoint
+from gsr_plugin.saving import ADAPTER_DIR, write_beside_checkpoint
 from gsr_plugin.session import check_before_quantizers
 
 __all__ = ["LowRankModifier", "ADAPTER_DIR", "save_adapter", "LowRankAdapter"]
 
-from gsr_plugin.loading import ADAPTER_DIR
 FACTOR_DTYPE = torch.float16
 
 

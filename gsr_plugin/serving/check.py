@@ -13,9 +13,10 @@ import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from gsr_plugin.checkpoint import check_checkpoint
 from gsr_plugin.serving.agreement import PROMPTS, REFERENCES, Tolerance, compare_outputs, run_transformers
 from gsr_plugin.serving.rules import probe_vllm_kernels, unservable_reasons
-from gsr_plugin.serving.runner import run_vllm, vllm_python
+from gsr_plugin.serving.runner import VLLM_TIMEOUT_SECONDS, run_vllm, vllm_python
 
 __all__ = ["ServeReport", "serve_check"]
 
@@ -92,10 +93,12 @@ def serve_check(
     tolerance: Tolerance = Tolerance(),
     device: str = "cpu",
     python: Path | None = None,
+    timeout: float = VLLM_TIMEOUT_SECONDS,
 ) -> ServeReport:
     """Refuse what vLLM cannot run here (``ValueError`` naming the setting or machine
     that would; on CPU after probing this processor's kernels), else generate and score
     with both and compare."""
+    check_checkpoint(checkpoint)  # before vLLM or its environment is touched
     checkpoint = str(checkpoint)
     python = python or vllm_python()
     kernels = probe_vllm_kernels(python) if device == "cpu" else None
@@ -103,7 +106,7 @@ def serve_check(
     if reasons:
         where = f"{device}: {kernels.describe()}" if kernels else device
         raise ValueError(f"vLLM ({where}) cannot serve {checkpoint}:\n  - " + "\n  - ".join(reasons))
-    vllm_result = run_vllm(checkpoint, dtype, PROMPTS, REFERENCES, max_tokens, python)
+    vllm_result = run_vllm(checkpoint, dtype, PROMPTS, REFERENCES, max_tokens, python, timeout)
     hf_result = run_transformers(checkpoint, reference_dtype, vllm_result, max_tokens, noise_dtype=dtype)
     prompts, references = compare_outputs(vllm_result, hf_result, tolerance)
     report = ServeReport(checkpoint, dtype, tolerance, prompts, references, vllm_result["vllm"], reference_dtype)

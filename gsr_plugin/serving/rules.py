@@ -16,7 +16,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from gsr_plugin.serving.runner import WORKER, adapter_of, vllm_python
+from gsr_plugin.serving.runner import WORKER, VllmDied, VllmTimedOut, adapter_of, vllm_python
 
 __all__ = [
     "INT4_KERNEL",
@@ -91,12 +91,15 @@ def probe_vllm_kernels(python: Path | None = None) -> VllmKernels:
     if key not in _probed:
         with tempfile.TemporaryDirectory() as work:
             result = Path(work) / "probe.json"
-            done = subprocess.run(
-                [str(python), str(WORKER), "--probe", str(result)],
-                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=PROBE_TIMEOUT_SECONDS,
-            )
+            try:
+                done = subprocess.run(
+                    [str(python), str(WORKER), "--probe", str(result)],
+                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=PROBE_TIMEOUT_SECONDS,
+                )
+            except subprocess.TimeoutExpired:
+                raise VllmTimedOut(f"probing vLLM's kernels with {python} did not finish in {PROBE_TIMEOUT_SECONDS} s") from None
             if done.returncode != 0 or not result.exists():
-                raise RuntimeError(f"probing vLLM's kernels with {python} failed (exit {done.returncode}):\n{done.stdout[-2000:]}")
+                raise VllmDied(f"probing vLLM's kernels with {python} failed (exit {done.returncode}):\n{done.stdout[-2000:]}")
             _probed[key] = VllmKernels.from_dict(json.loads(result.read_text()))
     return _probed[key]
 
@@ -126,7 +129,7 @@ def local_vllm_kernels() -> VllmKernels:
         return predict_vllm_kernels()
     try:
         return probe_vllm_kernels(python)
-    except (RuntimeError, OSError, subprocess.TimeoutExpired) as error:
+    except (RuntimeError, OSError) as error:
         from loguru import logger
 
         logger.warning(f"could not probe vLLM's kernels ({error}); predicting from the instruction set")

@@ -8,11 +8,17 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import tempfile
 from pathlib import Path
 
-__all__ = ["WORKER", "ENV_SCRIPT", "vllm_python", "adapter_of", "run_vllm"]
+from gsr_plugin.saving import ADAPTER_DIR
+
+__all__ = [
+    "WORKER", "ENV_SCRIPT", "VllmFailed", "VllmDied", "VllmTimedOut", "vllm_python", "adapter_of", "max_model_len",
+    "run_vllm",
+]
 
 WORKER = Path(__file__).resolve().parent / "vllm_worker.py"
 ENV_SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "vllm_env.sh"
@@ -39,13 +45,32 @@ def vllm_python(build: bool = True) -> Path | None:
 
 
 VLLM_TIMEOUT_SECONDS = 900
+MAX_MODEL_LEN = 512  # enough for the check's texts; a model with fewer positions gets its own
+
+
+class VllmFailed(RuntimeError):
+    """vLLM did not produce a result (the message ends with its log)."""
+
+
+class VllmDied(VllmFailed):
+    """vLLM exited with an error or was killed by a signal."""
+
+
+class VllmTimedOut(VllmFailed):
+    """vLLM did not answer in time; it and its engine processes were stopped."""
+
+
+def max_model_len(checkpoint: str | Path) -> int:
+    """The context vLLM is asked for: ``MAX_MODEL_LEN``, or the model's positions
+    (``max_position_embeddings`` in config.json) where it has fewer."""
+    config = json.loads((Path(checkpoint) / "config.json").read_text())
+    positions = config.get("max_position_embeddings") or (config.get("text_config") or {}).get("max_position_embeddings")
+    return min(MAX_MODEL_LEN, int(positions)) if positions else MAX_MODEL_LEN
 
 
 def adapter_of(checkpoint: str | Path) -> dict | None:
     """The low-rank adapter beside a checkpoint (``lora/``, LowRankModifier's), as
     vllm_worker takes it: {"path", "rank"}; None if there is none."""
-    from gsr_plugin.loading import ADAPTER_DIR
-
     path = Path(checkpoint) / ADAPTER_DIR
     if not (path / "adapter_config.json").is_file():
         return None
@@ -54,16 +79,23 @@ def adapter_of(checkpoint: str | Path) -> dict | None:
     return {"path": str(path.resolve()), "rank": rank}
 
 
-def run_vllm(checkpoint: str, dtype: str, prompts, references, max_tokens: int, python: Path | None = None) -> dict:
+def run_vllm(
+    checkpoint: str, dtype: str, prompts, references, max_tokens: int, python: Path | None = None,
+    timeout: float = VLLM_TIMEOUT_SECONDS,
+) -> dict:
     """vLLM's greedy generations and reference log-probs for a checkpoint (with its
-    low-rank adapter as a LoRA, when it has one)."""
+    low-rank adapter as a LoRA, when it has one), in a context of ``max_model_len``.
+
+    The worker runs in its own process group, which is killed and reaped when it ends,
+    whatever way: ``VllmTimedOut`` after ``timeout`` seconds, ``VllmDied`` when it
+    exits with an error or is killed (the signal named), each with its log's end."""
     request = {
         "checkpoint": str(Path(checkpoint).resolve()),
         "dtype": dtype,
         "prompts": list(prompts),
         "references": list(references),
         "max_tokens": max_tokens,
-        "max_model_len": 512,
+        "max_model_len": max_model_len(checkpoint),
         "lora": adapter_of(checkpoint),
     }
     env = dict(os.environ)
@@ -79,20 +111,26 @@ def run_vllm(checkpoint: str, dtype: str, prompts, references, max_tokens: int, 
             # own process group: vLLM starts engine processes, which must not outlive it
             process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
             try:
-                code = process.wait(timeout=VLLM_TIMEOUT_SECONDS)
+                code = process.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
-                code = "timeout"
-            finally:
+                code = None
+            finally:  # also on an interrupt: no engine process outlives the check
                 _kill_group(process.pid)
+                process.wait()
+        tail = f"; the end of its log:\n{log_path.read_text()[-3000:]}"
+        if code is None:
+            raise VllmTimedOut(
+                f"vLLM did not answer within {timeout:g} s on {checkpoint}; it and its engine processes were "
+                f"stopped (raise the limit with --timeout){tail}"
+            )
+        if code < 0:
+            raise VllmDied(f"vLLM was killed by {signal.Signals(-code).name} on {checkpoint}{tail}")
         if code != 0 or not result_path.exists():
-            tail = log_path.read_text()[-3000:]
-            raise RuntimeError(f"vLLM failed on {checkpoint} (exit {code}); the end of its log:\n{tail}")
+            raise VllmDied(f"vLLM failed on {checkpoint} (exit {code}){tail}")
         return json.loads(result_path.read_text())
 
 
 def _kill_group(pgid: int) -> None:
-    import signal
-
     try:
         os.killpg(pgid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):

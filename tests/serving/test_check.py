@@ -197,3 +197,29 @@ def test_serve_check_command_passes_and_writes_its_report(small_gsr_checkpoints,
     assert "serve-check: PASS" in out and "VLLM_CPU_INT4_W4A8=0" in out
     written = json.loads(report.read_text())
     assert written["ok"] is True and written["kernels"]["ops"][INT4_KERNEL] is True
+
+
+def test_a_damaged_checkpoint_is_refused_before_vllm_or_its_environment(tiny_checkpoints, tmp_path, monkeypatch, capsys):
+    import shutil
+
+    import gsr_plugin.serving.check as serving
+
+    monkeypatch.setattr(serving, "vllm_python", lambda *a, **k: pytest.fail("vLLM's environment touched"))
+    ckpt = shutil.copytree(tiny_checkpoints["llama"], tmp_path / "ckpt")
+    (ckpt / "config.json").write_text("{")
+    assert main(["serve-check", str(ckpt), "--device", "cpu"]) == 2
+    assert "config.json is not valid JSON" in capsys.readouterr().err
+    assert main(["serve-check", str(tmp_path / "nope"), "--device", "cpu"]) == 2
+    assert "no such checkpoint directory" in capsys.readouterr().err
+
+
+def test_serve_check_of_a_checkpoint_saved_without_rotation(unrotated_checkpoint, native_kernels, capsys):
+    """A plain llm-compressor checkpoint (`"transform_config": {}`) of a model with 256
+    positions: vLLM is asked for the model's context, not a fixed 512, and agrees."""
+    scheme = "W4A16" if native_kernels.has(INT4_KERNEL) else "W8A8"  # what this processor's vLLM build runs
+    ckpt = unrotated_checkpoint(scheme)
+    assert json.loads((ckpt / "config.json").read_text())["quantization_config"]["transform_config"] == {}
+    code = main(["serve-check", str(ckpt), "--device", "cpu", "--max-tokens", "8"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.out + captured.err[-3000:]
+    assert "serve-check: PASS" in captured.out
