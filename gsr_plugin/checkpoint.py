@@ -72,6 +72,10 @@ def check_checkpoint(path: str | Path) -> dict:
     return config
 
 
+def _first(names: list[str], count: int = 3) -> str:
+    return ", ".join(names[:count]) + (" ..." if len(names) > count else "")
+
+
 def _read_json(file: Path, what: str):
     try:
         return json.loads(file.read_text())
@@ -93,7 +97,7 @@ def _weight_files(path: Path) -> list[Path]:
             if missing:
                 raise CheckpointError(
                     f"{path} is missing {len(missing)} of the {len(shards)} shards {index_file.name} lists: "
-                    f"{', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}; copy them too, or {REDO}"
+                    f"{_first(missing)}; copy them too, or {REDO}"
                 )
             return [path / s for s in shards if s.endswith(".safetensors")]
     for name in SINGLE_FILES:
@@ -227,7 +231,7 @@ def check_adapter(path: str | Path, config: dict | None = None) -> None:
     if stray:
         raise CheckpointError(
             f"{weights} has weights for {len(stray)} module(s) this checkpoint does not have "
-            f"({', '.join(stray[:3])}{' ...' if len(stray) > 3 else ''}); PEFT would drop them silently. "
+            f"({_first(stray)}); PEFT would drop them silently. "
             f"The adapter belongs to another model; {REDO}"
         )
     for name, shapes in sorted(found.items()):
@@ -252,6 +256,6 @@ def check_adapter(path: str | Path, config: dict | None = None) -> None:
     if without:
         raise CheckpointError(
             f"{config_file} targets {len(without)} module(s) that {weights.name} has no weights for "
-            f"({', '.join(without[:3])}{' ...' if len(without) > 3 else ''}): PEFT would attach untrained "
+            f"({_first(without)}): PEFT would attach untrained "
             f"factors there. The adapter does not belong to these weights; {REDO}"
         )
