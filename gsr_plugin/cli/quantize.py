@@ -52,6 +52,15 @@ class OutputBusyError(FileExistsError):
     """Another run is writing the same output."""
 
 
+def _writable(output: Path, overwrite: bool) -> Path:
+    """``output``, with its parent made; ``OutputExistsError`` where it exists and
+    ``overwrite`` is not set."""
+    if output.exists() and not overwrite:
+        raise OutputExistsError(f"{output} already exists; pass --overwrite to replace it")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    return output
+
+
 def _leftovers(output: Path) -> list[Path]:
     """Staging and retired directories of runs on ``output`` (``atomic_directory``'s)."""
     name = glob.escape(output.name)
@@ -67,10 +76,7 @@ def claim_output(output: Path, overwrite: bool = False):
     removed when the run ends."""
     import fcntl
 
-    output = Path(output)
-    if output.exists() and not overwrite:
-        raise OutputExistsError(f"{output} already exists; pass --overwrite to replace it")
-    output.parent.mkdir(parents=True, exist_ok=True)
+    output = _writable(Path(output), overwrite)
     lock = output.parent / f".{output.name}.lock"
     while True:
         fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
@@ -118,10 +124,7 @@ def atomic_directory(output: Path, overwrite: bool = False):
     checkpoint once the staging directory holds files) and ``gsr_left`` (what is at
     ``output``); a full disk becomes ``DiskFullError`` naming the path, the bytes
     written and the bytes free. The final renames run with stop signals held."""
-    output = Path(output)
-    if output.exists() and not overwrite:
-        raise OutputExistsError(f"{output} already exists; pass --overwrite to replace it")
-    output.parent.mkdir(parents=True, exist_ok=True)
+    output = _writable(Path(output), overwrite)
     staging = output.parent / f".{output.name}.partial-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()

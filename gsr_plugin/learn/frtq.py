@@ -178,14 +178,13 @@ def learn_rotations(
     r2_init: Tensor | None,
     steps: int = 100,
     lr: float = 1e-2,
-    seed: int = 0,
     progress: bool = True,
 ) -> LearnResult:
     """Minimize ``problem.loss`` over ``R1 = blockdiag(r1_init_j expm(S_j))`` and
     ``R2_l = r2_init_l expm(S'_l)`` with Adam on the skew generators; returns the
     learned matrices in float64 (orthogonal to rounding) and the objective before
-    and after. ``steps=0`` returns the initialization exactly."""
-    torch.manual_seed(seed)
+    and after. ``steps=0`` returns the initialization exactly. Nothing here is random
+    (the initialization is the caller's), so the global RNG is left alone."""
     start = time.perf_counter()
     r1 = OrthogonalMatrices(r1_init)
     r2 = OrthogonalMatrices(r2_init) if r2_init is not None else None

@@ -267,7 +267,7 @@ class FRTQModifier(GSRModifier):
             activation_factor=self.activation_factor, weight_factor=self.weight_factor,
             smooth=self.smooth_max, sharpness=self.sharpness,
         )
-        return learn_rotations(problem, r1_init, r2_init, self.steps, self.lr, self.seed)
+        return learn_rotations(problem, r1_init, r2_init, self.steps, self.lr)
 
 
 def _record(result: LearnResult) -> dict:

@@ -86,3 +86,10 @@ def test_weight_term_alone_can_be_learned():
     result = learn_rotations(p, walsh_blocks(D // K, K), None, steps=40, lr=2e-2, progress=False)
     assert set(result.before) == {"weight_readers", "weight_v_proj", "weight_o_proj", "weight_down_proj"}
     assert result.objective_after < result.objective_before
+
+
+def test_learning_leaves_the_global_rng_alone():
+    """It once reseeded it: every later draw (oneshot's calibration order included) changed."""
+    state = torch.random.get_rng_state()
+    learn_rotations(problem(), walsh_blocks(D // K, K), None, steps=2, progress=False)
+    assert torch.equal(torch.random.get_rng_state(), state)

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from gsr_plugin.serving.rules import INT4_KERNEL, VLLM_CPU_BUILD_MISSING_OPS, VllmKernels, unservable_reasons
 from gsr_plugin.serving.vllm_worker import PROBED_OPS
@@ -11,9 +12,14 @@ SMOLLM2 = {"hidden_size": 576, "intermediate_size": 1536, "num_attention_heads":
 
 
 def checkpoint(tmp_path, weights, activations=None, transforms=None, dims=SMOLLM2):
+    """A checkpoint's files as far as the rules read them: config.json (and a weights
+    file, so that it passes gsr_plugin.checkpoint's file checks)."""
+    from safetensors.torch import save_file
+
     group = {"targets": ["Linear"], "weights": weights, "input_activations": activations}
     qconfig = {"config_groups": {"group_0": group}, "transform_config": {"config_groups": transforms or {}}}
-    (tmp_path / "config.json").write_text(json.dumps({**dims, "quantization_config": qconfig}))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", **dims, "quantization_config": qconfig}))
+    save_file({"lm_head.weight": torch.zeros(1)}, str(tmp_path / "model.safetensors"))
     return tmp_path
 
 
