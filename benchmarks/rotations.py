@@ -14,6 +14,7 @@ suite); ``tables`` turns them into Markdown and plots.
     python benchmarks/rotations.py lowrank --out docs/results       # low-rank path: W2/W3 x ranks x methods, equal storage
     python benchmarks/rotations.py engines --out docs/results       # llm-compressor GPTQ vs gptqmodel GPTQ (Optimum)
     python benchmarks/rotations.py fp4 --out docs/results           # NVFP4A16, MXFP4A16, NVFP4, MXFP4 after the rotations
+    python benchmarks/rotations.py a4 --out docs/results            # W4A4KV4 decomposed: KV quantizer, R3, activations
     python benchmarks/rotations.py tables --out docs/results
 
 Suites list their runs in priority order; ``--limit N`` runs the first N.
@@ -92,9 +93,8 @@ def online_suite() -> list[RecipeSetting]:
     """W4A4 and W2A4 (int4 dynamic per-token activations) with a 4-bit KV cache, after
     R1+R2+R4: llm-compressor's SpinQuant with ``hadamard`` (blocks of 64 for R1 and R4:
     its one block size must be a power of two dividing 576), GSR with R4 blocks of 512
-    (the default) and of 64 (as SpinQuant's). R3 is left
-    out: with a quantized KV cache it fails inside compressed-tensors 0.19, for
-    SpinQuant's R3 as for ours."""
+    (the default) and of 64 (as SpinQuant's). R3 is left out here (SpinQuant's fails
+    beside a quantized KV cache in compressed-tensors 0.19; ours runs: suite ``a4``)."""
     out = []
     for bits in (4, 2):
         out.append(RecipeSetting("none", bits, 64, symmetric=False, activation_bits=4, kv_bits=4))
@@ -178,11 +178,47 @@ def fp4_suite() -> list[RecipeSetting]:
     return first + wide + rest + gptq
 
 
+def a4_suite() -> list[RecipeSetting]:
+    """Where W4A4KV4 loses, in priority order (W4 g64 asymmetric GPTQ; A4: int4 dynamic
+    per-token activations; KV4: static symmetric per head as shipped before, or dynamic
+    asymmetric per token in groups of head_dim as published): GSR R1+R2+R4 with each KV
+    quantizer and with R3, then the decomposition (W4A16, W4A4 with a 16-bit cache,
+    W4A16 with KV4) for GSR, no rotation and llm-compressor's SpinQuant (hadamard, blocks
+    of 64, no R3: its R3 beside a quantized cache fails in compressed-tensors 0.19), and
+    FRTQ last (the slowest)."""
+    w4 = dict(symmetric=False)
+    a4 = dict(activation_bits=4)
+    kv_static, kv_dynamic = dict(kv_bits=4), dict(kv_bits=4, kv_dynamic=True)
+    rotated = dict(online_r4=True)
+    out = [
+        RecipeSetting("gsr", 4, 64, **w4, **a4, **kv_static, **rotated),
+        RecipeSetting("gsr", 4, 64, **w4, **a4, **kv_dynamic, **rotated),
+        RecipeSetting("gsr", 4, 64, **w4, **a4, **kv_dynamic, **rotated, online_r3=True),
+        RecipeSetting("gsr", 4, 64, **w4, **a4, **rotated),
+        RecipeSetting("gsr", 4, 64, **w4, **kv_dynamic, online_r3=True),
+        RecipeSetting("gsr", 4, 64, **w4),
+    ]
+    for method in ("none", "hadamard"):
+        online = {} if method == "none" else rotated
+        out += [
+            RecipeSetting(method, 4, 64, **w4, **a4, **kv_static, **online),
+            RecipeSetting(method, 4, 64, **w4, **a4, **kv_dynamic, **online),
+            RecipeSetting(method, 4, 64, **w4, **a4, **online),
+            RecipeSetting(method, 4, 64, **w4, **kv_dynamic),
+            RecipeSetting(method, 4, 64, **w4),
+        ]
+    out += [
+        RecipeSetting("frtq", 4, 64, **w4, **a4, **kv_dynamic, **rotated, online_r3=True),
+        RecipeSetting("frtq", 4, 64, **w4, **a4, **kv_dynamic, **rotated),
+    ]
+    return out
+
+
 SUITES = {"main": main_suite, "online": online_suite, "bits": bits_suite, "blocks": blocks_suite,
           "activations": activations_suite, "frtq": frtq_suite, "frtq_more": frtq_more_suite,
-          "lowrank": lowrank_suite, "engines": engines_suite, "fp4": fp4_suite}
+          "lowrank": lowrank_suite, "engines": engines_suite, "fp4": fp4_suite, "a4": a4_suite}
 WINDOWS = {"main": None, "online": 20, "bits": 20, "blocks": 20, "activations": 20, "frtq": None, "frtq_more": 20,
-           "lowrank": 10, "engines": 10, "fp4": 20}
+           "lowrank": 10, "engines": 10, "fp4": 20, "a4": 20}
 ENGINES = {"engines": ["llmcompressor", "optimum"]}
 
 
@@ -318,6 +354,19 @@ def _setting_column(run: dict) -> str:
     return f"W{run['bits']}{acts}{kv} {group}" + (" +R4" if run.get("online_r4") else "")
 
 
+def _a4_column(run: dict) -> str:
+    acts = "A16" if run["activation_bits"] == 16 else f"A{run['activation_bits']}"
+    kv = "KV16" if not run.get("kv_bits") else f"KV{run['kv_bits']} {'dynamic' if run.get('kv_dynamic') else 'static'}"
+    return f"W{run['bits']}{acts} {kv}"
+
+
+def _a4_row(run: dict) -> str:
+    online = [r for r, flag in (("R3", run.get("online_r3")), ("R4", run.get("online_r4"))) if flag]
+    if run["method"] == "none":
+        return "none"
+    return f"{run['method']} R1+R2" + "".join(f"+{r}" for r in online)
+
+
 def _fp4_column(run: dict) -> str:
     if not run.get("fp4"):
         return _column(run)
@@ -364,6 +413,8 @@ TABLES = {
     "lowrank": ("The low-rank path", _lowrank_table, None),
     "fp4": ("FP4 formats (llm-compressor presets; round to nearest, or GPTQ where marked)",
             lambda r: table(r, _fp4_row, _fp4_column), None),
+    "a4": ("W4A4KV4 decomposed: KV quantizer, R3, activations (W4 g64 asymmetric)",
+           lambda r: table(r, _a4_row, _a4_column), None),
     "engines": ("Engines: llm-compressor GPTQ vs gptqmodel GPTQ (Optimum)", lambda r: table(r, _by_method, _engine_column),
                 None),
 }

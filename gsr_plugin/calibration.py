@@ -86,8 +86,11 @@ def cache_activations(
     """A seeded subsample of ``tokens`` real (unpadded) calibration tokens per layer
     at the inputs R1 rotates (q/k/v, the MLP inputs), stacked as ``(2 layers tokens,
     hidden)``, and at o_proj's input (R2), per layer ``(tokens, heads, head_dim)``,
-    from forward passes of ``model`` as it is now."""
-    batches = list(batches)
+    from forward passes of ``model`` as it is now. A shuffling dataloader (oneshot's)
+    is drawn in an order set by ``seed``, not by the global RNG, which is left as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        batches = list(batches)
     per_batch = max(1, math.ceil(tokens / max(1, len(batches))))
     generator = torch.Generator().manual_seed(seed)
     stream: list[list[torch.Tensor]] = [[] for _ in range(2 * len(layers))]

@@ -58,8 +58,12 @@ class RecipeSetting:
     :param block_size: rotation block; None = the model's head_dim
     :param online_r4: add the online R4 rotation (down_proj input) to the rotation
     :param r4_block_size: R4 block (GSRModifier; None = its default)
-    :param kv_bits: quantize the KV cache to this many bits (int, per attention head,
-        static scales from calibration); None = 16-bit cache
+    :param online_r3: add the online R3 rotation (queries and keys after RoPE, per head)
+    :param kv_bits: quantize the KV cache to this many bits; None = 16-bit cache
+    :param kv_dynamic: the KV quantizer: ``False`` static symmetric scales per attention
+        head from calibration (what engines with static scales use), ``True`` the
+        published protocol (QuaRot, SpinQuant): dynamic, asymmetric, per token in
+        groups of head_dim
     :param rank: LowRankModifier's rank between the rotation and GPTQ (0: none)
     :param lowrank: its method, ``svd`` or ``activation``
     :param fp4: an FP4 preset of llm-compressor instead of integer GPTQ: ``NVFP4A16``,
@@ -80,6 +84,8 @@ class RecipeSetting:
     online_r4: bool = False
     r4_block_size: int | None = None
     kv_bits: int | None = None
+    online_r3: bool = False
+    kv_dynamic: bool = False
     rank: int = 0
     lowrank: str = "svd"
     fp4: str | None = None
@@ -96,6 +102,8 @@ class RecipeSetting:
                 object.__setattr__(self, field, value)
             if self.kv_bits:
                 raise ValueError("kv_bits is for the integer recipes; FP4 presets keep a 16-bit KV cache")
+        if self.kv_dynamic and not self.kv_bits:
+            raise ValueError("kv_dynamic chooses the KV quantizer: set kv_bits too")
         if self.lowrank not in ("svd", "activation"):
             raise ValueError(f"lowrank must be 'svd' or 'activation', not {self.lowrank!r}")
         if self.method not in METHODS:
@@ -104,9 +112,17 @@ class RecipeSetting:
             raise ValueError("activation_bits must be 16 (weight-only), 8 or 4 (int, dynamic per token)")
 
     @property
+    def _online(self) -> str:
+        """``_r4``, ``_r34``, ``_r3`` (online rotations, R1/R2 implied), R4's block after ``b``."""
+        if not (self.online_r3 or self.online_r4):
+            return ""
+        block = f"b{self.r4_block_size}" if self.online_r4 and self.r4_block_size else ""
+        return f"_r{'3' if self.online_r3 else ''}{'4' if self.online_r4 else ''}{block}"
+
+    @property
     def name(self) -> str:
         if self.fp4:
-            r4 = ("_r4" + (f"b{self.r4_block_size}" if self.r4_block_size else "")) if self.online_r4 else ""
+            r4 = self._online
             lr = (f"_lr{self.rank}" + ("a" if self.lowrank == "activation" else "")) if self.rank else ""
             return f"{self.method}_{self.fp4.lower()}{r4}{lr}_{'gptq' if self.fp4_gptq else 'rtn'}"
         group = "" if self.activation_bits == 8 and self.weight_bits == 8 and self.group_size is None else (
@@ -114,7 +130,7 @@ class RecipeSetting:
         )
         asym = "" if self.symmetric else "_asym"
         kv = f"kv{self.kv_bits}" if self.kv_bits else ""
-        r4 = ("_r4" + (f"b{self.r4_block_size}" if self.r4_block_size else "")) if self.online_r4 else ""
+        r4 = self._online + ("_dynkv" if self.kv_dynamic else "")
         lr = (f"_lr{self.rank}" + ("a" if self.lowrank == "activation" else "")) if self.rank else ""
         return f"{self.method}_w{self.weight_bits}a{self.activation_bits}{kv}{group}{asym}{r4}{lr}_gptq"
 
@@ -127,8 +143,15 @@ class RecipeSetting:
             if self.activation_bits == 16
             else f"int{self.activation_bits} dynamic per-token activations"
         )
-        kv = f", int{self.kv_bits} KV cache" if self.kv_bits else ""
-        r4 = " (with the online R4 rotation at down_proj's input)" if self.online_r4 else ""
+        kv = ""
+        if self.kv_bits:
+            kv = f", int{self.kv_bits} KV cache " + (
+                "(dynamic, asymmetric, per token in groups of head_dim)" if self.kv_dynamic
+                else "(static symmetric scales per attention head)"
+            )
+        online = [text for flag, text in ((self.online_r3, "R3 at queries and keys after RoPE"),
+                                          (self.online_r4, "R4 at down_proj's input")) if flag]
+        r4 = f" (with the online {' and '.join(online)})" if online else ""
         if self.rank:
             r4 += f", a rank-{self.rank} 16-bit path ({self.lowrank}; LowRankModifier, only the residual quantized)"
         if self.fp4:
@@ -145,7 +168,7 @@ FP4_SCHEMES: dict[str, tuple[int, int]] = {"NVFP4A16": (16, 16), "NVFP4": (16, 4
 
 
 def _rotation_modifiers(setting: RecipeSetting) -> dict:
-    rotations = ["R1", "R2", "R4"] if setting.online_r4 else ["R1", "R2"]
+    rotations = ["R1", "R2"] + ["R3"] * setting.online_r3 + ["R4"] * setting.online_r4
     block = {} if setting.block_size is None else {"block_size": setting.block_size}
     r4 = {"r4_block_size": setting.r4_block_size} if setting.online_r4 and setting.r4_block_size else {}
     ours = {"rotations": rotations, **block, **r4}
@@ -201,7 +224,14 @@ def build_recipe(setting: RecipeSetting, head_dim: int | None = None) -> dict:
         modifiers[quantizer] = {"targets": ["Linear"], "ignore": ["lm_head"], "scheme": setting.fp4}
         return {"quant_stage": {"quant_modifiers": modifiers}}
     modifiers["GPTQModifier"] = {"ignore": ["lm_head"], "config_groups": {"group_0": scheme}}
-    if setting.kv_bits:
+    if setting.kv_bits and setting.kv_dynamic:
+        if head_dim is None:
+            raise ValueError("the dynamic KV quantizer groups each token's head: pass head_dim")
+        modifiers["GPTQModifier"]["kv_cache_scheme"] = {
+            "num_bits": setting.kv_bits, "type": "int", "symmetric": False, "strategy": "group",
+            "group_size": head_dim, "dynamic": True,
+        }
+    elif setting.kv_bits:
         modifiers["GPTQModifier"]["kv_cache_scheme"] = {
             "num_bits": setting.kv_bits, "type": "int", "symmetric": True, "strategy": "attn_head", "dynamic": False,
         }
@@ -296,14 +326,14 @@ def setting_from_name(name: str) -> RecipeSetting:
     """Inverse of ``RecipeSetting.name`` (for tests and tables)."""
     pattern = (
         r"(?P<m>[a-z_]+?)_w(?P<w>\d+)a(?P<a>\d+)(?:kv(?P<kv>\d+))?(?:_g(?P<g>\d+)|(?P<ch>_ch))?"
-        r"(?P<asym>_asym)?(?P<r4>_r4(?:b(?P<r4b>\d+))?)?(?:_lr(?P<lr>\d+)(?P<lra>a)?)?_gptq$"
+        r"(?P<asym>_asym)?(?:_r(?P<r3>3)?(?P<r4>4)?(?:b(?P<r4b>\d+))?)?(?P<dynkv>_dynkv)?(?:_lr(?P<lr>\d+)(?P<lra>a)?)?_gptq$"
     )
     fp4 = re.fullmatch(
-        r"(?P<m>[a-z_]+?)_(?P<fp4>nvfp4a16|nvfp4|mxfp4a16|mxfp4)(?P<r4>_r4(?:b(?P<r4b>\d+))?)?(?:_lr(?P<lr>\d+)(?P<lra>a)?)?_(?P<q>rtn|gptq)", name
+        r"(?P<m>[a-z_]+?)_(?P<fp4>nvfp4a16|nvfp4|mxfp4a16|mxfp4)(?:_r(?P<r3>3)?(?P<r4>4)?(?:b(?P<r4b>\d+))?)?(?:_lr(?P<lr>\d+)(?P<lra>a)?)?_(?P<q>rtn|gptq)", name
     )
     if fp4:
         return RecipeSetting(
-            method=fp4["m"], fp4=fp4["fp4"].upper(), online_r4=fp4["r4"] is not None,
+            method=fp4["m"], fp4=fp4["fp4"].upper(), online_r4=fp4["r4"] is not None, online_r3=fp4["r3"] is not None,
             r4_block_size=int(fp4["r4b"]) if fp4["r4b"] else None, rank=int(fp4["lr"]) if fp4["lr"] else 0,
             lowrank="activation" if fp4["lra"] else "svd", fp4_gptq=fp4["q"] == "gptq",
         )
@@ -317,8 +347,10 @@ def setting_from_name(name: str) -> RecipeSetting:
         symmetric=match["asym"] is None,
         activation_bits=int(match["a"]),
         online_r4=match["r4"] is not None,
+        online_r3=match["r3"] is not None,
         r4_block_size=int(match["r4b"]) if match["r4b"] else None,
         kv_bits=int(match["kv"]) if match["kv"] else None,
+        kv_dynamic=match["dynkv"] is not None,
         rank=int(match["lr"]) if match["lr"] else 0,
         lowrank="activation" if match["lra"] else "svd",
     )

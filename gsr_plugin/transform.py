@@ -30,11 +30,14 @@ from compressed_tensors.transform import (
     TransformLocation,
     TransformScheme,
 )
+from compressed_tensors.modeling.attention import IMPL_ATTR, QuantizedAttentionImpl
+from compressed_tensors.quantization.utils.helpers import KV_CACHE_TARGETS
 from compressed_tensors.transform.factory.base import TransformBase
 from compressed_tensors.transform.utils.matrix import get_transform_size
 from compressed_tensors.utils import get_execution_device, get_offloaded_device
 from torch import Tensor
 from torch.nn import Module, Parameter
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from gsr_plugin.learn.orthogonal import rotate_inputs
 from gsr_plugin.walsh import Ordering, grouped_walsh_transform, random_signs, sequency_permutation, walsh_matrix
@@ -54,6 +57,7 @@ __all__ = [
     "RandomOrthogonalFactory",
     "TRANSFORM_TYPES",
     "WalshFactory",
+    "KVCacheOnlyAttention",
     "SequencyWalshFactory",
     "NaturalWalshFactory",
     "GroupedWalshTransform",
@@ -68,7 +72,38 @@ LEARNED_ORTHOGONAL = "learned-orthogonal"
 TRANSFORM_TYPES: dict[str, Ordering] = {SEQUENCY_WALSH: "sequency", NATURAL_WALSH: "natural"}
 
 
-class WalshFactory(HadamardFactory):
+class KVCacheOnlyAttention(QuantizedAttentionImpl):
+    """compressed-tensors' hooked attention (which R3's query hook needs), quantizing
+    the queries only when the attention has query quantization of its own.
+
+    A KV-cache scheme (``kv_cache_scheme``) is put on the attention module as
+    ``quantization_scheme.input_activations`` (targets ``KV_CACHE_TARGETS``), the
+    attribute the base class reads for the *queries*: with a static KV cache the first
+    forward fails (``no attribute 'q_scale'``), with a dynamic one the queries are
+    quantized to the KV cache's grid without a word (compressed-tensors 0.19). Keys and
+    values are quantized in the cache (``QuantizedKVCache``), after R3's key hook."""
+
+    def forward(self, module: Module, query: Tensor, key: Tensor, value: Tensor, *args, **kwargs):
+        scheme = getattr(module, "quantization_scheme", None)
+        if scheme is not None and list(scheme.targets) == KV_CACHE_TARGETS:
+            attention = ALL_ATTENTION_FUNCTIONS[QuantizedAttentionImpl._original_impl]
+            return attention(module, query, key, value, *args, **kwargs)
+        return super().forward(module, query, key, value, *args, **kwargs)
+
+
+class QueryRotationBesideKVCache:
+    """Factory mixin: a ``q_attn`` transform (R3) leaves the queries unquantized
+    beside a quantized KV cache (``KVCacheOnlyAttention``)."""
+
+    def _apply_to_module(self, model: Module, module: Module, args: TransformArgs):
+        super()._apply_to_module(model, module, args)
+        if TransformLocation(args.location) == TransformLocation.Q_ATTN:
+            impl = getattr(module, IMPL_ATTR)
+            if type(impl) is QuantizedAttentionImpl:
+                impl.__class__ = KVCacheOnlyAttention
+
+
+class WalshFactory(QueryRotationBesideKVCache, HadamardFactory):
     """Creates ``GroupedWalshTransform``s. Overrides only what differs from the
     built-in Hadamard factory: the matrix (Walsh order, optional row signs) and the
     transform that applies it. Weights are cached per (size, precision), so fused
@@ -237,7 +272,7 @@ class GroupedWalshTransform(TransformBase):
         )
 
 
-class RandomOrthogonalFactory(RandomMatrixFactory):
+class RandomOrthogonalFactory(QueryRotationBesideKVCache, RandomMatrixFactory):
     """A seeded random orthogonal matrix (Haar: QR of a Gaussian matrix, signs fixed
     by R's diagonal), for the full-width random rotation baseline. The built-in
     ``random-matrix`` type is invertible but not orthogonal, which no norm fusion can

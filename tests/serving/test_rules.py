@@ -113,3 +113,20 @@ def test_quantize_does_not_claim_vllm_serves_w4a16_without_the_int4_kernel(tmp_p
     assert "vLLM can serve it" not in err and "GPU kernels take this setting" in err
     _say_servability(ckpt, kernels_of("_C_AVX512"))
     assert "vLLM can serve it on this CPU" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kv", [
+    {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "attn_head", "dynamic": False},
+    {"num_bits": 4, "type": "int", "symmetric": False, "strategy": "group", "group_size": 64, "dynamic": True},
+])
+def test_an_int4_kv_cache_is_not_carried_to_vllm(tmp_path, kv):
+    ckpt = checkpoint(tmp_path, W4G64)
+    config = json.loads((ckpt / "config.json").read_text())
+    config["quantization_config"]["kv_cache_scheme"] = kv
+    (ckpt / "config.json").write_text(json.dumps(config))
+    for device in ("cpu", "cuda"):
+        reasons = unservable_reasons(ckpt, device)
+        assert len(reasons) == 1 and "FP8 KV-cache schemes" in reasons[0] and "--kv-cache-dtype" in reasons[0]
+    config["quantization_config"]["kv_cache_scheme"] = {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "tensor"}
+    (ckpt / "config.json").write_text(json.dumps(config))
+    assert unservable_reasons(ckpt, "cuda") == []
