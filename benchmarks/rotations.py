@@ -228,8 +228,9 @@ def run(suite: str, args) -> None:
     run_settings(
         args.model,
         SUITES[suite]()[: args.limit],
-        Path(args.out) / f"{suite}.json",
+        Path(args.out) / (f"{suite}.json" if args.seed == 0 else f"{suite}-seed{args.seed}.json"),
         calib_samples=args.calib_samples,
+        seed=args.seed,
         calib_len=args.calib_len,
         ppl_windows=windows,
         data_dir=args.data_dir,
@@ -443,6 +444,8 @@ def cli(argv=None) -> None:
     parser.add_argument("--model", default="default")
     parser.add_argument("--calib-samples", type=int, default=128)
     parser.add_argument("--calib-len", type=int, default=512)
+    parser.add_argument("--seed", type=int, default=0,
+                        help="calibration draw (windows of WikiText-2 validation); other than 0: <suite>-seed<N>.json")
     parser.add_argument("--ppl-windows", default=None, help="override: N or 'all' (main: all, others: 20)")
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--resume", action="store_true", help="keep the runs already in <out>/<suite>.json")
