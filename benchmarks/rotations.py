@@ -182,7 +182,8 @@ def a4_suite() -> list[RecipeSetting]:
     """Where W4A4KV4 loses, in priority order (W4 g64 asymmetric GPTQ; A4: int4 dynamic
     per-token activations; KV4: static symmetric per head as shipped before, or dynamic
     asymmetric per token in groups of head_dim as published): GSR R1+R2+R4 with each KV
-    quantizer and with R3, then the decomposition (W4A16, W4A4 with a 16-bit cache,
+    quantizer, with R3, and with GPTQ's scales from the MSE observer (a searched weight
+    clip), then the decomposition (W4A16, W4A4 with a 16-bit cache,
     W4A16 with KV4) for GSR, no rotation and llm-compressor's SpinQuant (hadamard, blocks
     of 64, no R3: its R3 beside a quantized cache fails in compressed-tensors 0.19), and
     FRTQ last (the slowest)."""
@@ -194,6 +195,7 @@ def a4_suite() -> list[RecipeSetting]:
         RecipeSetting("gsr", 4, 64, **w4, **a4, **kv_static, **rotated),
         RecipeSetting("gsr", 4, 64, **w4, **a4, **kv_dynamic, **rotated),
         RecipeSetting("gsr", 4, 64, **w4, **a4, **kv_dynamic, **rotated, online_r3=True),
+        RecipeSetting("gsr", 4, 64, **w4, **a4, **kv_dynamic, **rotated, online_r3=True, weight_observer="mse"),
         RecipeSetting("gsr", 4, 64, **w4, **a4, **rotated),
         RecipeSetting("gsr", 4, 64, **w4, **kv_dynamic, online_r3=True),
         RecipeSetting("gsr", 4, 64, **w4),
@@ -363,9 +365,10 @@ def _a4_column(run: dict) -> str:
 
 def _a4_row(run: dict) -> str:
     online = [r for r, flag in (("R3", run.get("online_r3")), ("R4", run.get("online_r4"))) if flag]
+    mse = ", MSE weight scales" if run.get("weight_observer") == "mse" else ""
     if run["method"] == "none":
-        return "none"
-    return f"{run['method']} R1+R2" + "".join(f"+{r}" for r in online)
+        return "none" + mse
+    return f"{run['method']} R1+R2" + "".join(f"+{r}" for r in online) + mse
 
 
 def _fp4_column(run: dict) -> str:

@@ -64,6 +64,9 @@ class RecipeSetting:
         head from calibration (what engines with static scales use), ``True`` the
         published protocol (QuaRot, SpinQuant): dynamic, asymmetric, per token in
         groups of head_dim
+    :param weight_observer: how GPTQ's weight scales are chosen before it runs:
+        ``minmax`` (each group's range) or ``mse`` (llm-compressor's MSE observer: the
+        range shrunk where that lowers the rounding error, i.e. a searched weight clip)
     :param rank: LowRankModifier's rank between the rotation and GPTQ (0: none)
     :param lowrank: its method, ``svd`` or ``activation``
     :param fp4: an FP4 preset of llm-compressor instead of integer GPTQ: ``NVFP4A16``,
@@ -86,6 +89,7 @@ class RecipeSetting:
     kv_bits: int | None = None
     online_r3: bool = False
     kv_dynamic: bool = False
+    weight_observer: str = "minmax"
     rank: int = 0
     lowrank: str = "svd"
     fp4: str | None = None
@@ -102,6 +106,8 @@ class RecipeSetting:
                 object.__setattr__(self, field, value)
             if self.kv_bits:
                 raise ValueError("kv_bits is for the integer recipes; FP4 presets keep a 16-bit KV cache")
+        if self.weight_observer not in ("minmax", "mse"):
+            raise ValueError(f"weight_observer must be 'minmax' or 'mse', not {self.weight_observer!r}")
         if self.kv_dynamic and not self.kv_bits:
             raise ValueError("kv_dynamic chooses the KV quantizer: set kv_bits too")
         if self.lowrank not in ("svd", "activation"):
@@ -132,7 +138,8 @@ class RecipeSetting:
         kv = f"kv{self.kv_bits}" if self.kv_bits else ""
         r4 = self._online + ("_dynkv" if self.kv_dynamic else "")
         lr = (f"_lr{self.rank}" + ("a" if self.lowrank == "activation" else "")) if self.rank else ""
-        return f"{self.method}_w{self.weight_bits}a{self.activation_bits}{kv}{group}{asym}{r4}{lr}_gptq"
+        mse = "_mse" if self.weight_observer == "mse" else ""
+        return f"{self.method}_w{self.weight_bits}a{self.activation_bits}{kv}{group}{asym}{r4}{lr}{mse}_gptq"
 
     @property
     def description(self) -> str:
@@ -160,7 +167,8 @@ class RecipeSetting:
             how = "GPTQ (GPTQModifier)" if self.fp4_gptq else "round to nearest (QuantizationModifier)"
             return (f"{METHODS[self.method]}{r4}; then {self.fp4} {how}: FP4 E2M1 "
                     f"weights in groups of {self.group_size} with {scales}, {acts}")
-        return f"{METHODS[self.method]}{r4}; then GPTQ int{self.weight_bits} {kind} weights in {group}, {acts}{kv}"
+        observer = ", scales from the MSE observer" if self.weight_observer == "mse" else ""
+        return f"{METHODS[self.method]}{r4}; then GPTQ int{self.weight_bits} {kind} weights in {group}{observer}, {acts}{kv}"
 
 
 # llm-compressor preset -> (group size, activation bits)
@@ -206,6 +214,8 @@ def build_recipe(setting: RecipeSetting, head_dim: int | None = None) -> dict:
     }
     if setting.group_size:
         weights["group_size"] = setting.group_size
+    if setting.weight_observer != "minmax":
+        weights["observer"] = setting.weight_observer
     scheme = {"targets": ["Linear"], "weights": weights}
     if setting.activation_bits < 16:
         scheme["input_activations"] = {
@@ -326,7 +336,7 @@ def setting_from_name(name: str) -> RecipeSetting:
     """Inverse of ``RecipeSetting.name`` (for tests and tables)."""
     pattern = (
         r"(?P<m>[a-z_]+?)_w(?P<w>\d+)a(?P<a>\d+)(?:kv(?P<kv>\d+))?(?:_g(?P<g>\d+)|(?P<ch>_ch))?"
-        r"(?P<asym>_asym)?(?:_r(?P<r3>3)?(?P<r4>4)?(?:b(?P<r4b>\d+))?)?(?P<dynkv>_dynkv)?(?:_lr(?P<lr>\d+)(?P<lra>a)?)?_gptq$"
+        r"(?P<asym>_asym)?(?:_r(?P<r3>3)?(?P<r4>4)?(?:b(?P<r4b>\d+))?)?(?P<dynkv>_dynkv)?(?:_lr(?P<lr>\d+)(?P<lra>a)?)?(?P<mse>_mse)?_gptq$"
     )
     fp4 = re.fullmatch(
         r"(?P<m>[a-z_]+?)_(?P<fp4>nvfp4a16|nvfp4|mxfp4a16|mxfp4)(?:_r(?P<r3>3)?(?P<r4>4)?(?:b(?P<r4b>\d+))?)?(?:_lr(?P<lr>\d+)(?P<lra>a)?)?_(?P<q>rtn|gptq)", name
@@ -351,6 +361,7 @@ def setting_from_name(name: str) -> RecipeSetting:
         r4_block_size=int(match["r4b"]) if match["r4b"] else None,
         kv_bits=int(match["kv"]) if match["kv"] else None,
         kv_dynamic=match["dynkv"] is not None,
+        weight_observer="mse" if match["mse"] else "minmax",
         rank=int(match["lr"]) if match["lr"] else 0,
         lowrank="activation" if match["lra"] else "svd",
     )

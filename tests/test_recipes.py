@@ -116,3 +116,26 @@ def test_fp4_gptq_setting_puts_the_preset_in_gptq():
     assert (str(weights.type), weights.group_size) == ("float", 16)
     with pytest.raises(ValueError, match="fp4_gptq is for the FP4 presets"):
         RecipeSetting("gsr", 4, 64, fp4_gptq=True)
+
+
+def test_kv_quantizers_r3_and_the_weight_observer_are_spelled_and_built():
+    w4a4kv4 = dict(symmetric=False, activation_bits=4, online_r4=True, kv_bits=4)
+    static = RecipeSetting("gsr", 4, 64, **w4a4kv4)
+    published = RecipeSetting("gsr", 4, 64, **w4a4kv4, online_r3=True, kv_dynamic=True, weight_observer="mse")
+    assert static.name == "gsr_w4a4kv4_g64_asym_r4_gptq"
+    assert published.name == "gsr_w4a4kv4_g64_asym_r34_dynkv_mse_gptq"
+    for setting in (static, published, RecipeSetting("none", 4, 64, symmetric=False, kv_bits=4, kv_dynamic=True)):
+        assert setting_from_name(setting.name) == setting
+    gptq = build_recipe(published, head_dim=64)["quant_stage"]["quant_modifiers"]
+    assert gptq["GSRModifier"]["rotations"] == ["R1", "R2", "R3", "R4"]
+    assert gptq["GPTQModifier"]["kv_cache_scheme"] == {
+        "num_bits": 4, "type": "int", "symmetric": False, "strategy": "group", "group_size": 64, "dynamic": True,
+    }
+    assert gptq["GPTQModifier"]["config_groups"]["group_0"]["weights"]["observer"] == "mse"
+    assert build_recipe(static, 64)["quant_stage"]["quant_modifiers"]["GPTQModifier"]["kv_cache_scheme"]["strategy"] == "attn_head"
+    with pytest.raises(ValueError, match="set kv_bits"):
+        RecipeSetting(kv_dynamic=True)
+    with pytest.raises(ValueError, match="weight_observer"):
+        RecipeSetting(weight_observer="percentile")
+    with pytest.raises(ValueError, match="head_dim"):
+        build_recipe(published)

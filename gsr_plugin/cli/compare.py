@@ -174,6 +174,7 @@ def run_settings(
                 "kv_bits": setting.kv_bits,
                 "online_r3": setting.online_r3,
                 "kv_dynamic": setting.kv_dynamic,
+                "weight_observer": setting.weight_observer,
                 "rank": setting.rank,
                 "lowrank": setting.lowrank if setting.rank else None,
                 "fp4": setting.fp4,
