@@ -272,6 +272,10 @@ def shipped_settings() -> list[RecipeSetting]:
         # weights and activations: int4 dynamic per-token activations, 4-bit KV cache,
         # online R4 (fake-quantized evaluation; vLLM runs online transforms on GPU only)
         RecipeSetting("gsr", 4, 64, symmetric=False, activation_bits=4, online_r4=True, kv_bits=4),
+        # the published W4A4KV4 protocol: R1-R4, KV4 dynamic asymmetric per token in groups
+        # of head_dim (docs/results.md: 2.8x float against 5.0x with the static cache above)
+        RecipeSetting("gsr", 4, 64, symmetric=False, activation_bits=4, online_r3=True, online_r4=True, kv_bits=4,
+                      kv_dynamic=True),
     ]
     for method in ("none", "hadamard", "random_hadamard", "gsr", "gsr_random"):
         for bits in (2, 3, 4):
@@ -286,6 +290,8 @@ def shipped_settings() -> list[RecipeSetting]:
         RecipeSetting("frtq", 3, 64, symmetric=False),
         RecipeSetting("frtq", 4, None, symmetric=False),
         RecipeSetting("frtq", 4, 64, symmetric=False, activation_bits=4, online_r4=True, kv_bits=4),
+        RecipeSetting("frtq", 4, 64, symmetric=False, activation_bits=4, online_r3=True, online_r4=True, kv_bits=4,
+                      kv_dynamic=True),
         RecipeSetting("frtq", 4, 64, symmetric=False, activation_bits=4, online_r4=True),
     ]
     settings += [  # FP4 (vLLM on GPU): R1+R2 blocks of head_dim, a multiple of both scale groups
