@@ -15,6 +15,7 @@ suite); ``tables`` turns them into Markdown and plots.
     python benchmarks/rotations.py engines --out docs/results       # llm-compressor GPTQ vs gptqmodel GPTQ (Optimum)
     python benchmarks/rotations.py fp4 --out docs/results           # NVFP4A16, MXFP4A16, NVFP4, MXFP4 after the rotations
     python benchmarks/rotations.py a4 --out docs/results            # W4A4KV4 decomposed: KV quantizer, R3, activations
+    python benchmarks/rotations.py a4_draws --seed 1 --out docs/results  # its close rows, more calibration draws
     python benchmarks/rotations.py tables --out docs/results
 
 Suites list their runs in priority order; ``--limit N`` runs the first N.
@@ -216,11 +217,19 @@ def a4_suite() -> list[RecipeSetting]:
     return out
 
 
+def a4_draws_suite() -> list[RecipeSetting]:
+    """The W4A4KV4 rows whose difference is small (R3 or not, with the dynamic KV4), for
+    more calibration draws (``--seed 1``, ``--seed 2``; draw 0 is in suite ``a4``)."""
+    w4a4kv4 = dict(symmetric=False, activation_bits=4, kv_bits=4, kv_dynamic=True, online_r4=True)
+    return [RecipeSetting("gsr", 4, 64, **w4a4kv4, online_r3=True), RecipeSetting("gsr", 4, 64, **w4a4kv4)]
+
+
 SUITES = {"main": main_suite, "online": online_suite, "bits": bits_suite, "blocks": blocks_suite,
           "activations": activations_suite, "frtq": frtq_suite, "frtq_more": frtq_more_suite,
-          "lowrank": lowrank_suite, "engines": engines_suite, "fp4": fp4_suite, "a4": a4_suite}
+          "lowrank": lowrank_suite, "engines": engines_suite, "fp4": fp4_suite, "a4": a4_suite,
+          "a4_draws": a4_draws_suite}
 WINDOWS = {"main": None, "online": 20, "bits": 20, "blocks": 20, "activations": 20, "frtq": None, "frtq_more": 20,
-           "lowrank": 10, "engines": 10, "fp4": 20, "a4": 20}
+           "lowrank": 10, "engines": 10, "fp4": 20, "a4": 20, "a4_draws": 20}
 ENGINES = {"engines": ["llmcompressor", "optimum"]}
 
 
