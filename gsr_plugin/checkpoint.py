@@ -203,6 +203,11 @@ def _check_transforms(path: Path, config: dict) -> None:
                     )
 
 
+def _peft_matches(name: str, key: str) -> bool:
+    """PEFT's rule for a module name against a ``target_modules``/``rank_pattern`` key."""
+    return name == key or name.endswith("." + key)
+
+
 def check_adapter(path: str | Path, config: dict | None = None) -> None:
     """The PEFT LoRA adapter in ``path/lora`` fits the checkpoint: its ranks are the
     ones its config declares, each factor's shape fits its module (``lora_A``:
@@ -236,7 +241,7 @@ def check_adapter(path: str | Path, config: dict | None = None) -> None:
         )
     for name, shapes in sorted(found.items()):
         module = linears[name]
-        rank = int(next((r for p, r in pattern.items() if name == p or name.endswith("." + p)), default_rank))
+        rank = int(next((r for p, r in pattern.items() if _peft_matches(name, p)), default_rank))
         want = {"lora_A": [rank, module.in_features], "lora_B": [module.out_features, rank]}
         for part in ("lora_A", "lora_B"):
             if part not in shapes:
@@ -251,7 +256,7 @@ def check_adapter(path: str | Path, config: dict | None = None) -> None:
     if isinstance(targets, str):  # PEFT: a string is a regular expression on the full name
         targeted = [n for n in linears if re.fullmatch(targets, n)]
     else:
-        targeted = [n for n in linears if any(n == t or n.endswith("." + t) for t in targets)]
+        targeted = [n for n in linears if any(_peft_matches(n, t) for t in targets)]
     without = sorted(set(targeted) - set(found))
     if without:
         raise CheckpointError(
