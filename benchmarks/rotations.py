@@ -185,9 +185,9 @@ def a4_suite() -> list[RecipeSetting]:
     asymmetric per token in groups of head_dim as published): GSR R1+R2+R4 with each KV
     quantizer, with R3, and with GPTQ's scales from the MSE observer (a searched weight
     clip), then the decomposition (W4A16, W4A4 with a 16-bit cache,
-    W4A16 with KV4) for GSR, no rotation and llm-compressor's SpinQuant (hadamard, blocks
-    of 64, no R3: its R3 beside a quantized cache fails in compressed-tensors 0.19), and
-    FRTQ last (the slowest)."""
+    W4A16 with KV4, the dynamic one) for GSR, no rotation, llm-compressor's SpinQuant
+    (hadamard, blocks of 64, no R3: its R3 beside a quantized cache fails in
+    compressed-tensors 0.19) and FRTQ (R3 where a KV cache is quantized; the slowest)."""
     w4 = dict(symmetric=False)
     a4 = dict(activation_bits=4)
     kv_static, kv_dynamic = dict(kv_bits=4), dict(kv_bits=4, kv_dynamic=True)
@@ -201,19 +201,15 @@ def a4_suite() -> list[RecipeSetting]:
         RecipeSetting("gsr", 4, 64, **w4, **kv_dynamic, online_r3=True),
         RecipeSetting("gsr", 4, 64, **w4),
     ]
-    for method in ("none", "hadamard"):
+    for method in ("none", "hadamard", "frtq"):
         online = {} if method == "none" else rotated
+        r3 = dict(online_r3=True) if method == "frtq" else {}
         out += [
-            RecipeSetting(method, 4, 64, **w4, **a4, **kv_static, **online),
-            RecipeSetting(method, 4, 64, **w4, **a4, **kv_dynamic, **online),
+            RecipeSetting(method, 4, 64, **w4, **a4, **kv_dynamic, **online, **r3),
             RecipeSetting(method, 4, 64, **w4, **a4, **online),
-            RecipeSetting(method, 4, 64, **w4, **kv_dynamic),
+            RecipeSetting(method, 4, 64, **w4, **kv_dynamic, **r3),
             RecipeSetting(method, 4, 64, **w4),
         ]
-    out += [
-        RecipeSetting("frtq", 4, 64, **w4, **a4, **kv_dynamic, **rotated, online_r3=True),
-        RecipeSetting("frtq", 4, 64, **w4, **a4, **kv_dynamic, **rotated),
-    ]
     return out
 
 
