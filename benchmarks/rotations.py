@@ -184,7 +184,8 @@ def a4_suite() -> list[RecipeSetting]:
     per-token activations; KV4: static symmetric per head as shipped before, or dynamic
     asymmetric per token in groups of head_dim as published): GSR R1+R2+R4 with each KV
     quantizer, with R3, and with GPTQ's scales from the MSE observer (a searched weight
-    clip), then the decomposition (W4A16, W4A4 with a 16-bit cache,
+    clip), with activation and KV clip ratios (fixed, searched) and the first token's KV
+    kept in 16-bit (sinks), then the decomposition (W4A16, W4A4 with a 16-bit cache,
     W4A16 with KV4, the dynamic one) for GSR, no rotation, llm-compressor's SpinQuant
     (hadamard, blocks of 64, no R3: its R3 beside a quantized cache fails in
     compressed-tensors 0.19) and FRTQ (R3 where a KV cache is quantized; the slowest)."""
@@ -200,6 +201,13 @@ def a4_suite() -> list[RecipeSetting]:
         RecipeSetting("gsr", 4, 64, **w4, **a4, **rotated),
         RecipeSetting("gsr", 4, 64, **w4, **kv_dynamic, online_r3=True),
         RecipeSetting("gsr", 4, 64, **w4),
+    ]
+    published = dict(**w4, **a4, **kv_dynamic, **rotated, online_r3=True)
+    out += [  # clipping (QuaRot's fixed ratios; searched per linear), then sinks with a static cache
+        RecipeSetting("gsr", 4, 64, **published, activation_clip=0.9, kv_clip=0.95),
+        RecipeSetting("gsr", 4, 64, **published, activation_clip="search", kv_clip=0.95),
+        RecipeSetting("gsr", 4, 64, **w4, **a4, **kv_static, **rotated, online_r3=True, sink_tokens=1),
+        RecipeSetting("gsr", 4, 64, **published, activation_clip="search", kv_clip=0.95, sink_tokens=1),
     ]
     for method in ("none", "hadamard", "frtq"):
         online = {} if method == "none" else rotated
@@ -371,6 +379,13 @@ def _a4_column(run: dict) -> str:
 def _a4_row(run: dict) -> str:
     online = [r for r, flag in (("R3", run.get("online_r3")), ("R4", run.get("online_r4"))) if flag]
     mse = ", MSE weight scales" if run.get("weight_observer") == "mse" else ""
+    clip = run.get("activation_clip")
+    if clip is not None:
+        mse += ", activation clip " + ("searched" if clip == "search" else f"{clip}")
+    if run.get("kv_clip") is not None:
+        mse += f", KV clip {run['kv_clip']}"
+    if run.get("sink_tokens"):
+        mse += f", first {run['sink_tokens']} KV in 16-bit"
     if run["method"] == "none":
         return "none" + mse
     return f"{run['method']} R1+R2" + "".join(f"+{r}" for r in online) + mse

@@ -86,7 +86,7 @@ def attach_online_transforms(model: torch.nn.Module, checkpoint: str | Path) -> 
 
 def load_with_online_transforms(checkpoint: str | Path, dtype="auto", **kwargs):
     """``AutoModelForCausalLM.from_pretrained`` plus the checkpoint's online
-    transforms and its low-rank adapter (``lora/``, through PEFT, kept unmerged: the
+    transforms, its searched activation clips (``clip/``) and its low-rank adapter (``lora/``, through PEFT, kept unmerged: the
     adapter runs in 16-bit beside the quantized layer): the saved model computes what
     it computed before saving. A local checkpoint's files are checked first
     (``gsr_plugin.checkpoint``: ``CheckpointError`` naming the file and the fix).
@@ -98,6 +98,7 @@ def load_with_online_transforms(checkpoint: str | Path, dtype="auto", **kwargs):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from gsr_plugin.checkpoint import check_checkpoint, looks_like_path
+    from gsr_plugin.quantizers import apply_activation_clips
 
     local = Path(checkpoint).exists() or looks_like_path(str(checkpoint))
     qconfig = (check_checkpoint(checkpoint).get("quantization_config") or {}) if local else {}
@@ -121,6 +122,7 @@ def load_with_online_transforms(checkpoint: str | Path, dtype="auto", **kwargs):
     if fp4 and isinstance(dtype, torch.dtype):  # decompressed to bfloat16 regardless
         model = model.to(dtype)
     attach_online_transforms(model, checkpoint)
+    apply_activation_clips(model, checkpoint)
     if has_adapter:  # the low-rank path (LowRankModifier), unmerged
         from peft import PeftModel
 

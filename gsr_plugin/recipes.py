@@ -67,6 +67,13 @@ class RecipeSetting:
     :param weight_observer: how GPTQ's weight scales are chosen before it runs:
         ``minmax`` (each group's range) or ``mse`` (llm-compressor's MSE observer: the
         range shrunk where that lowers the rounding error, i.e. a searched weight clip)
+    :param activation_clip: the activation quantizer's clip ratio (``observer_kwargs``,
+        ``gsr_plugin.quantizers``): each token's range times this (QuaRot, SpinQuant:
+        0.9), or ``"search"``: one ratio per linear searched on the calibration set
+        (``ActivationClipModifier``); None: no clip
+    :param kv_clip: the dynamic KV quantizer's clip ratio (published: 0.95)
+    :param sink_tokens: keep the keys and values of each sequence's first N tokens
+        unquantized (IntactKV, PrefixQuant)
     :param rank: LowRankModifier's rank between the rotation and GPTQ (0: none)
     :param lowrank: its method, ``svd`` or ``activation``
     :param fp4: an FP4 preset of llm-compressor instead of integer GPTQ: ``NVFP4A16``,
@@ -90,6 +97,9 @@ class RecipeSetting:
     online_r3: bool = False
     kv_dynamic: bool = False
     weight_observer: str = "minmax"
+    activation_clip: float | str | None = None
+    kv_clip: float | None = None
+    sink_tokens: int = 0
     rank: int = 0
     lowrank: str = "svd"
     fp4: str | None = None
@@ -108,6 +118,18 @@ class RecipeSetting:
                 raise ValueError("kv_bits is for the integer recipes; FP4 presets keep a 16-bit KV cache")
         if self.weight_observer not in ("minmax", "mse"):
             raise ValueError(f"weight_observer must be 'minmax' or 'mse', not {self.weight_observer!r}")
+        if self.activation_clip is not None:
+            if self.activation_bits == 16 or self.fp4:
+                raise ValueError("activation_clip clips the int activation quantizer: set activation_bits to 8 or 4")
+            if self.activation_clip != "search" and not (
+                isinstance(self.activation_clip, (int, float)) and 0 < self.activation_clip < 1
+            ):
+                raise ValueError(f"activation_clip must be a ratio in (0, 1) or 'search', not {self.activation_clip!r}")
+        if self.kv_clip is not None and not (self.kv_dynamic and 0 < self.kv_clip < 1):
+            raise ValueError("kv_clip is a ratio in (0, 1) for the dynamic KV quantizer (kv_dynamic=True); "
+                             "static scales come from their observer")
+        if self.sink_tokens and not (self.kv_bits and self.sink_tokens > 0):
+            raise ValueError("sink_tokens keeps tokens out of the quantized KV cache: set kv_bits, and N > 0")
         if self.kv_dynamic and not self.kv_bits:
             raise ValueError("kv_dynamic chooses the KV quantizer: set kv_bits too")
         if self.lowrank not in ("svd", "activation"):
@@ -139,7 +161,18 @@ class RecipeSetting:
         r4 = self._online + ("_dynkv" if self.kv_dynamic else "")
         lr = (f"_lr{self.rank}" + ("a" if self.lowrank == "activation" else "")) if self.rank else ""
         mse = "_mse" if self.weight_observer == "mse" else ""
-        return f"{self.method}_w{self.weight_bits}a{self.activation_bits}{kv}{group}{asym}{r4}{lr}{mse}_gptq"
+        return f"{self.method}_w{self.weight_bits}a{self.activation_bits}{kv}{group}{asym}{r4}{lr}{mse}{self._clips}_gptq"
+
+    @property
+    def _clips(self) -> str:
+        """``_aclip90`` / ``_aclipsearch``, ``_kvclip95``, ``_sink1``"""
+        percent = lambda ratio: f"{round(ratio * 100):d}"  # noqa: E731
+        out = ""
+        if self.activation_clip is not None:
+            out += "_aclip" + ("search" if self.activation_clip == "search" else percent(self.activation_clip))
+        if self.kv_clip is not None:
+            out += f"_kvclip{percent(self.kv_clip)}"
+        return out + (f"_sink{self.sink_tokens}" if self.sink_tokens else "")
 
     @property
     def description(self) -> str:
@@ -168,6 +201,17 @@ class RecipeSetting:
             return (f"{METHODS[self.method]}{r4}; then {self.fp4} {how}: FP4 E2M1 "
                     f"weights in groups of {self.group_size} with {scales}, {acts}")
         observer = ", scales from the MSE observer" if self.weight_observer == "mse" else ""
+        clips = []
+        if self.activation_clip == "search":
+            clips.append("activation clip ratios searched per linear")
+        elif self.activation_clip is not None:
+            clips.append(f"activations clipped at {self.activation_clip}")
+        if self.kv_clip is not None:
+            clips.append(f"KV clipped at {self.kv_clip}")
+        if self.sink_tokens:
+            clips.append("the first token's KV kept in 16-bit" if self.sink_tokens == 1
+                         else f"the first {self.sink_tokens} tokens' KV kept in 16-bit")
+        kv += "".join(f", {text}" for text in clips)
         return f"{METHODS[self.method]}{r4}; then GPTQ int{self.weight_bits} {kind} weights in {group}{observer}, {acts}{kv}"
 
 
@@ -206,6 +250,8 @@ def build_recipe(setting: RecipeSetting, head_dim: int | None = None) -> dict:
     """The recipe as a dict (llm-compressor's stage/modifier layout). ``head_dim``
     resolves the SpinQuant block where ``block_size`` is None (GSRModifier resolves
     its own from the model)."""
+    from gsr_plugin.quantizers import CLIP_RATIO, SINK_TOKENS
+
     weights = {
         "num_bits": setting.weight_bits,
         "type": "int",
@@ -221,6 +267,8 @@ def build_recipe(setting: RecipeSetting, head_dim: int | None = None) -> dict:
         scheme["input_activations"] = {
             "num_bits": setting.activation_bits, "type": "int", "symmetric": True, "strategy": "token", "dynamic": True,
         }
+        if isinstance(setting.activation_clip, float):
+            scheme["input_activations"]["observer_kwargs"] = {CLIP_RATIO: setting.activation_clip}
     modifiers = _rotation_modifiers(setting)
     for fields in modifiers.values():
         if fields.get("transform_block_size") == "head_dim":
@@ -245,6 +293,12 @@ def build_recipe(setting: RecipeSetting, head_dim: int | None = None) -> dict:
         modifiers["GPTQModifier"]["kv_cache_scheme"] = {
             "num_bits": setting.kv_bits, "type": "int", "symmetric": True, "strategy": "attn_head", "dynamic": False,
         }
+    kv_extra = {CLIP_RATIO: setting.kv_clip} if setting.kv_clip is not None else {}
+    kv_extra |= {SINK_TOKENS: setting.sink_tokens} if setting.sink_tokens else {}
+    if kv_extra:
+        modifiers["GPTQModifier"]["kv_cache_scheme"]["observer_kwargs"] = kv_extra
+    if setting.activation_clip == "search":  # after the quantizer, whose activations it clips
+        modifiers["ActivationClipModifier"] = {}
     return {"quant_stage": {"quant_modifiers": modifiers}}
 
 
@@ -342,7 +396,8 @@ def setting_from_name(name: str) -> RecipeSetting:
     """Inverse of ``RecipeSetting.name`` (for tests and tables)."""
     pattern = (
         r"(?P<m>[a-z_]+?)_w(?P<w>\d+)a(?P<a>\d+)(?:kv(?P<kv>\d+))?(?:_g(?P<g>\d+)|(?P<ch>_ch))?"
-        r"(?P<asym>_asym)?(?:_r(?P<r3>3)?(?P<r4>4)?(?:b(?P<r4b>\d+))?)?(?P<dynkv>_dynkv)?(?:_lr(?P<lr>\d+)(?P<lra>a)?)?(?P<mse>_mse)?_gptq$"
+        r"(?P<asym>_asym)?(?:_r(?P<r3>3)?(?P<r4>4)?(?:b(?P<r4b>\d+))?)?(?P<dynkv>_dynkv)?(?:_lr(?P<lr>\d+)(?P<lra>a)?)?(?P<mse>_mse)?"
+        r"(?:_aclip(?P<aclip>search|\d+))?(?:_kvclip(?P<kvclip>\d+))?(?:_sink(?P<sink>\d+))?_gptq$"
     )
     fp4 = re.fullmatch(
         r"(?P<m>[a-z_]+?)_(?P<fp4>nvfp4a16|nvfp4|mxfp4a16|mxfp4)(?:_r(?P<r3>3)?(?P<r4>4)?(?:b(?P<r4b>\d+))?)?(?:_lr(?P<lr>\d+)(?P<lra>a)?)?_(?P<q>rtn|gptq)", name
@@ -368,6 +423,9 @@ def setting_from_name(name: str) -> RecipeSetting:
         kv_bits=int(match["kv"]) if match["kv"] else None,
         kv_dynamic=match["dynkv"] is not None,
         weight_observer="mse" if match["mse"] else "minmax",
+        activation_clip=None if match["aclip"] is None else ("search" if match["aclip"] == "search" else int(match["aclip"]) / 100),
+        kv_clip=int(match["kvclip"]) / 100 if match["kvclip"] else None,
+        sink_tokens=int(match["sink"]) if match["sink"] else 0,
         rank=int(match["lr"]) if match["lr"] else 0,
         lowrank="activation" if match["lra"] else "svd",
     )

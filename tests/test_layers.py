@@ -30,6 +30,7 @@ LAYERS = {
     "gsr_plugin.rotation": 2,
     "gsr_plugin.calibration": 2,
     "gsr_plugin.recipes": 2,
+    "gsr_plugin.quantizers": 2,
     "gsr_plugin.modifiers": 3,  # llm-compressor modifiers
     "gsr_plugin.eval": 4,  # product: measuring, other engines, serving
     "gsr_plugin.engines": 4,

@@ -139,3 +139,27 @@ def test_kv_quantizers_r3_and_the_weight_observer_are_spelled_and_built():
         RecipeSetting(weight_observer="percentile")
     with pytest.raises(ValueError, match="head_dim"):
         build_recipe(published)
+
+
+def test_clips_and_sinks_are_spelled_and_built_where_llm_compressor_keeps_quantizer_options():
+    w4a4kv4 = dict(symmetric=False, activation_bits=4, online_r3=True, online_r4=True, kv_bits=4, kv_dynamic=True)
+    fixed = RecipeSetting("gsr", 4, 64, **w4a4kv4, activation_clip=0.9, kv_clip=0.95, sink_tokens=1)
+    searched = RecipeSetting("frtq", 4, 64, **w4a4kv4, activation_clip="search")
+    assert fixed.name == "gsr_w4a4kv4_g64_asym_r34_dynkv_aclip90_kvclip95_sink1_gptq"
+    assert searched.name == "frtq_w4a4kv4_g64_asym_r34_dynkv_aclipsearch_gptq"
+    for setting in (fixed, searched):
+        assert setting_from_name(setting.name) == setting
+    modifiers = build_recipe(fixed, 64)["quant_stage"]["quant_modifiers"]
+    gptq = modifiers["GPTQModifier"]
+    assert gptq["config_groups"]["group_0"]["input_activations"]["observer_kwargs"] == {"clip_ratio": 0.9}
+    assert gptq["kv_cache_scheme"]["observer_kwargs"] == {"clip_ratio": 0.95, "sink_tokens": 1}
+    assert "ActivationClipModifier" not in modifiers
+    modifiers = build_recipe(searched, 64)["quant_stage"]["quant_modifiers"]
+    assert list(modifiers)[-2:] == ["GPTQModifier", "ActivationClipModifier"]
+    assert "observer_kwargs" not in modifiers["GPTQModifier"]["config_groups"]["group_0"]["input_activations"]
+    for bad, message in ((dict(activation_clip=0.9), "activation_bits"),
+                         (dict(activation_bits=4, activation_clip=1.2), "activation_clip must be"),
+                         (dict(kv_bits=4, kv_clip=0.95), "kv_dynamic"),
+                         (dict(sink_tokens=2), "set kv_bits")):
+        with pytest.raises(ValueError, match=message):
+            RecipeSetting("gsr", 4, 64, **bad)
