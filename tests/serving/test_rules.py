@@ -16,6 +16,7 @@ def checkpoint(tmp_path, weights, activations=None, transforms=None, dims=SMOLLM
     file, so that it passes gsr_plugin.checkpoint's file checks)."""
     from safetensors.torch import save_file
 
+    tmp_path.mkdir(parents=True, exist_ok=True)
     group = {"targets": ["Linear"], "weights": weights, "input_activations": activations}
     qconfig = {"config_groups": {"group_0": group}, "transform_config": {"config_groups": transforms or {}}}
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", **dims, "quantization_config": qconfig}))
@@ -130,3 +131,21 @@ def test_an_int4_kv_cache_is_not_carried_to_vllm(tmp_path, kv):
     config["quantization_config"]["kv_cache_scheme"] = {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "tensor"}
     (ckpt / "config.json").write_text(json.dumps(config))
     assert unservable_reasons(ckpt, "cuda") == []
+
+
+def test_clips_and_sinks_are_said_not_to_reach_vllm(tmp_path):
+    clipped = dict(A8TOKEN, observer_kwargs={"clip_ratio": 0.9})
+    reasons = unservable_reasons(checkpoint(tmp_path / "a", W8CH, clipped), "cuda")
+    assert len(reasons) == 1 and "group_0: a clip_ratio" in reasons[0] and "unclipped" in reasons[0]
+    searched = checkpoint(tmp_path / "b", W8CH, A8TOKEN)
+    assert unservable_reasons(searched, "cuda") == []
+    (searched / "clip").mkdir()
+    (searched / "clip" / "input_clip_ratios.json").write_text('{"model.layers.0.mlp.down_proj": 0.8}')
+    assert "searched clip ratios" in unservable_reasons(searched, "cuda")[0]
+    ckpt = checkpoint(tmp_path / "c", W4G64)
+    config = json.loads((ckpt / "config.json").read_text())
+    config["quantization_config"]["kv_cache_scheme"] = {
+        "num_bits": 8, "type": "float", "symmetric": True, "strategy": "tensor", "observer_kwargs": {"sink_tokens": 1}}
+    (ckpt / "config.json").write_text(json.dumps(config))
+    reasons = unservable_reasons(ckpt, "cuda")
+    assert len(reasons) == 1 and "sink_tokens" in reasons[0] and "vLLM applies neither" in reasons[0]
