@@ -12,6 +12,17 @@ rotations of a recipe (its modifiers before the quantizer, applied exactly):
   ``||X (RTN(W) - W)^T||_F / ||X W^T||_F`` (what perplexity feels: weight error along
   the directions the inputs use),
 
+* the activation clip: the ratio ``c`` of the input quantizer's range that minimizes
+  ``sum_j ||W[:, j]||^2 ||Q_c(x_j) - x_j||^2`` (``gsr_plugin.quantizers.clip_error``,
+  what ``ActivationClipModifier`` searches; ``input_clip``) and how much of the
+  unclipped error it removes (``input_clip_gain``),
+* the KV cache at 4 bits, on k_proj's and v_proj's outputs (keys before RoPE):
+  the relative error ``||Q(x) - x|| / ||x||`` of the published dynamic quantizer
+  (asymmetric, per token in groups of head_dim; ``kv_dynamic_error``), of static
+  symmetric scales per head taken from the same window (``kv_static_error``), and of
+  static scales with the first token left out of the scale and kept in 16-bit
+  (``kv_static_sink_error``: what ``sink_tokens: 1`` can do),
+
 at the recipe's weight grid (bits, group size, symmetry) and activation bits, or the
 ``--weight-bits/--group-size/--act-bits`` defaults where the recipe has none.
 
@@ -31,15 +42,42 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
+from compressed_tensors.quantization import QuantizationArgs
 from tqdm import tqdm
 
 from gsr_plugin.learn.frtq import Grid
 from gsr_plugin.learn.objectives import grid_to_std_ratio, rounding_error
+from gsr_plugin.quantizers import clip_error
 from gsr_plugin.walsh import is_power_of_two
 
-__all__ = ["LAYER_TYPES", "measure", "diagnose", "rotation_part", "float_rounding_error", "tables", "plot"]
+__all__ = ["LAYER_TYPES", "CLIP_GRID", "kv_errors", "measure", "diagnose", "rotation_part", "float_rounding_error", "tables", "plot"]
 
 LAYER_TYPES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+CLIP_GRID = tuple(round(1.0 - 0.05 * i, 2) for i in range(11))
+KV_BITS = 4
+
+
+def kv_errors(x: torch.Tensor, head_dim: int, bits: int = KV_BITS) -> dict[str, float]:
+    """Relative errors of a (tokens, heads * head_dim) key or value block under the
+    dynamic per-token-head asymmetric quantizer, static symmetric per-head scales, and
+    static scales with the first token kept in 16-bit (and out of the scale)."""
+    x = x.reshape(x.shape[0], -1, head_dim).double()
+    levels = 2**bits - 1
+    low, high = x.amin(-1, keepdim=True).clamp(max=0), x.amax(-1, keepdim=True).clamp(min=0)
+    scale = ((high - low) / levels).clamp_min(1e-12)
+    zero = torch.round(-low / scale)
+    dynamic = (torch.clamp(torch.round(x / scale) + zero, 0, levels) - zero) * scale
+
+    def static(part: torch.Tensor) -> torch.Tensor:
+        step = (part.abs().amax((0, 2), keepdim=True) / (levels / 2)).clamp_min(1e-12)
+        return torch.clamp(torch.round(part / step), -(levels + 1) // 2, levels // 2) * step
+
+    kept = torch.cat([x[:1], static(x[1:])])
+    relative = lambda q: ((q - x).norm() / x.norm().clamp_min(1e-30)).item()  # noqa: E731
+    return {"kv_dynamic_error": relative(dynamic), "kv_static_error": relative(static(x)),
+            "kv_static_sink_error": relative(kept)}
 
 
 def layer_type(name: str) -> str | None:
@@ -91,6 +129,11 @@ def measure(
     weight_rho: dict[str, list[float]] = defaultdict(list)
     weight_error: dict[str, list[float]] = defaultdict(list)
     output_error: dict[str, list[float]] = defaultdict(list)
+    clip: dict[str, list[float]] = defaultdict(list)
+    clip_gain: dict[str, list[float]] = defaultdict(list)
+    kv: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    token_args = QuantizationArgs(num_bits=activation_bits, type="int", symmetric=True, strategy="token", dynamic=True)
+    head_dim = getattr(model.config, "head_dim", None) or model.config.hidden_size // model.config.num_attention_heads
     hooks = []
     for name, module in model.named_modules():
         kind = layer_type(name)
@@ -113,8 +156,19 @@ def measure(
                 input_error[kind].append(float_rounding_error(x, float_inputs))
             else:
                 inputs[kind].append(grid_to_std_ratio(x.double(), activation_bits, True).mean().item())
+                column_weight = m.weight.detach().float().pow(2).sum(0)
+                errors = [clip_error(x[None].float(), token_args, column_weight, c).item() for c in CLIP_GRID]
+                best = min(range(len(CLIP_GRID)), key=errors.__getitem__)
+                clip[kind].append(CLIP_GRID[best])
+                clip_gain[kind].append(1 - errors[best] / max(errors[0], 1e-30))
+
+        def kv_hook(m, args, output, kind=kind):
+            for key, value in kv_errors(output.detach().reshape(-1, output.shape[-1]), head_dim).items():
+                kv[key][kind].append(value)
 
         hooks.append(module.register_forward_pre_hook(hook))
+        if kind in ("k_proj", "v_proj") and float_weights is None:  # the integer protocol's KV4
+            hooks.append(module.register_forward_hook(kv_hook))
     try:
         for window in windows:
             model(window[None], use_cache=False)
@@ -122,8 +176,8 @@ def measure(
         for h in hooks:
             h.remove()
     mean = lambda values: sum(values) / len(values)  # noqa: E731
-    measured = {"input_rho": inputs, "input_error": input_error, "weight_rho": weight_rho,
-                "weight_error": weight_error, "output_error": output_error}
+    measured = {"input_rho": inputs, "input_error": input_error, "input_clip": clip, "input_clip_gain": clip_gain,
+                "weight_rho": weight_rho, "weight_error": weight_error, "output_error": output_error, **kv}
     return {key: {k: mean(v) for k, v in values.items()} for key, values in measured.items() if values}
 
 
@@ -232,7 +286,10 @@ def _describe(args) -> str:
 
 COLUMNS = (("input_rho", "input rho", "{:.3f}"), ("input_error", "input FP4 error", "{:.4f}"),
            ("weight_rho", "weight rho", "{:.3f}"), ("weight_error", "weight RTN error", "{:.4f}"),
-           ("output_error", "output error (W)", "{:.4f}"))
+           ("output_error", "output error (W)", "{:.4f}"), ("input_clip", "best input clip", "{:.2f}"),
+           ("input_clip_gain", "error removed by it", "{:.1%}"), ("kv_dynamic_error", "KV4 dynamic error", "{:.4f}"),
+           ("kv_static_error", "KV4 static error", "{:.4f}"),
+           ("kv_static_sink_error", "KV4 static, first token kept", "{:.4f}"))
 
 
 def tables(report: dict) -> str:

@@ -45,6 +45,33 @@ def test_measure_matches_a_direct_computation(load_tiny):
     )
     assert report["output_error"]["down_proj"] == pytest.approx(sum(outputs) / len(outputs), rel=1e-4)
     assert set(report["input_rho"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert set(report["kv_dynamic_error"]) == {"k_proj", "v_proj"}
+    assert set(report["input_clip"]) == set(report["input_rho"])
+    assert all(0 <= g < 1 for g in report["input_clip_gain"].values())
+
+
+def test_kv_errors_against_compressed_tensors_and_a_written_static_quantizer():
+    from compressed_tensors.quantization import QuantizationArgs
+    from compressed_tensors.quantization.lifecycle.forward import fake_quantize
+    from compressed_tensors.quantization.utils import calculate_qparams
+
+    from gsr_plugin.eval.diagnostics import kv_errors
+
+    x = torch.randn(20, 3 * 16, generator=torch.Generator().manual_seed(0)).double()
+    x[0] *= 30  # a sink token with a large key
+    errors = kv_errors(x, head_dim=16)
+    args = QuantizationArgs(num_bits=4, type="int", symmetric=False, strategy="group", group_size=16, dynamic=True)
+    groups = x.reshape(20, 3, 16)
+    scale, zero = calculate_qparams(groups.amin(-1), groups.amax(-1), args)
+    dynamic = fake_quantize(x.reshape(20, 3, 16), scale[..., None], zero[..., None], args).reshape(20, 48)
+    assert errors["kv_dynamic_error"] == pytest.approx(((dynamic - x).norm() / x.norm()).item(), rel=1e-6)
+    # static: one symmetric step per head, max|x| / 7.5, levels -8..7
+    heads = x.reshape(20, 3, 16)
+    step = heads.abs().amax((0, 2), keepdim=True) / 7.5
+    static = (torch.round(heads / step).clamp(-8, 7) * step).reshape(20, 48)
+    assert errors["kv_static_error"] == pytest.approx(((static - x).norm() / x.norm()).item(), rel=1e-9)
+    # the sink inflates the static step; kept out, the other tokens quantize finely
+    assert errors["kv_static_sink_error"] < 0.5 * errors["kv_static_error"]
 
 
 def test_rotation_part_drops_the_quantizer_and_pins_frtqs_grid():
