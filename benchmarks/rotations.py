@@ -209,15 +209,29 @@ def a4_suite() -> list[RecipeSetting]:
         RecipeSetting("gsr", 4, 64, **w4, **a4, **kv_static, **rotated, online_r3=True, sink_tokens=1),
         RecipeSetting("gsr", 4, 64, **published, activation_clip="search", kv_clip=0.95, sink_tokens=1),
     ]
-    for method in ("none", "hadamard", "frtq"):
-        online = {} if method == "none" else rotated
-        r3 = dict(online_r3=True) if method == "frtq" else {}
-        out += [
-            RecipeSetting(method, 4, 64, **w4, **a4, **kv_dynamic, **online, **r3),
-            RecipeSetting(method, 4, 64, **w4, **a4, **online),
-            RecipeSetting(method, 4, 64, **w4, **kv_dynamic, **r3),
-            RecipeSetting(method, 4, 64, **w4),
-        ]
+    best = dict(**published, activation_clip="search", kv_clip=0.95)
+    out += [  # the deployable 4-bit activation format: NVFP4 (W4A4 in FP4 groups of 16, 16-bit KV) through GPTQ
+        RecipeSetting(method, fp4="NVFP4", fp4_gptq=True) for method in ("none", "gsr")
+    ]
+    out += [  # the decomposition: SpinQuant (hadamard, R1+R2+R4), no rotation
+        RecipeSetting("hadamard", 4, 64, **w4, **a4, **kv_dynamic, **rotated),
+        RecipeSetting("hadamard", 4, 64, **w4, **a4, **rotated),
+        RecipeSetting("hadamard", 4, 64, **w4, **kv_dynamic),
+        RecipeSetting("hadamard", 4, 64, **w4),
+        RecipeSetting("none", 4, 64, **w4, **a4, **kv_dynamic),
+        RecipeSetting("none", 4, 64, **w4, **a4),
+        RecipeSetting("none", 4, 64, **w4, **kv_dynamic),
+        RecipeSetting("none", 4, 64, **w4),
+    ]
+    out += [  # R1 wider than 64 (576 = 9 x 64 has no wider Walsh block): random Hadamard of 576 and of 64 (R4 1536)
+        RecipeSetting("random_hadamard_exact", 4, 64, block_size=576, **best),
+        RecipeSetting("random_hadamard_exact", 4, 64, block_size=64, **best),
+    ]
+    out += [  # FRTQ (the slowest)
+        RecipeSetting("frtq", 4, 64, **best),
+        RecipeSetting("frtq", 4, 64, **w4, **a4, **rotated),
+        RecipeSetting("frtq", fp4="NVFP4", fp4_gptq=True),
+    ]
     return out
 
 
@@ -371,6 +385,8 @@ def _setting_column(run: dict) -> str:
 
 
 def _a4_column(run: dict) -> str:
+    if run.get("fp4"):
+        return f"{run['fp4']} KV16" + (" GPTQ" if run.get("fp4_gptq") else "")
     acts = "A16" if run["activation_bits"] == 16 else f"A{run['activation_bits']}"
     kv = "KV16" if not run.get("kv_bits") else f"KV{run['kv_bits']} {'dynamic' if run.get('kv_dynamic') else 'static'}"
     return f"W{run['bits']}{acts} {kv}"
