@@ -231,6 +231,7 @@ def a4_suite() -> list[RecipeSetting]:
         RecipeSetting("frtq", 4, 64, **best),
         RecipeSetting("frtq", 4, 64, **w4, **a4, **rotated),
         RecipeSetting("frtq", fp4="NVFP4", fp4_gptq=True),
+        RecipeSetting("frtq_full", 4, 64, **best),  # R1 learned over the full width
     ]
     return out
 

@@ -44,6 +44,7 @@ METHODS: dict[str, str] = {
     "frtq": "FRTQ: learned R1/R2 minimizing the grid-to-std ratio, GSR-initialized (FRTQModifier)",
     "frtq_random": "FRTQ from a random orthogonal initialization (FRTQModifier init random)",
     "frtq_gsr": "FRTQ (GSR-initialized) first, then GSR on top",
+    "frtq_full": "FRTQ with one full-width learned R1 (FRTQModifier structure full), GSR-initialized",
 }
 
 
@@ -242,6 +243,7 @@ def _rotation_modifiers(setting: RecipeSetting) -> dict:
         },
         "frtq": {"FRTQModifier": ours},
         "frtq_random": {"FRTQModifier": {**ours, "init": "random"}},
+        "frtq_full": {"FRTQModifier": {**ours, "structure": "full"}},
         "frtq_gsr": {"FRTQModifier": ours, "GSRModifier": {**ours, "rotations": ["R1", "R2"]}},
     }[setting.method]
 
