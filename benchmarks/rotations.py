@@ -213,6 +213,12 @@ def a4_suite() -> list[RecipeSetting]:
     out += [  # the deployable 4-bit activation format: NVFP4 (W4A4 in FP4 groups of 16, 16-bit KV) through GPTQ
         RecipeSetting(method, fp4="NVFP4", fp4_gptq=True) for method in ("none", "gsr")
     ]
+    out += [  # FRTQ at the best setting; R1 wider than 64 (576 = 9 x 64 has no wider Walsh
+        # block): random Hadamard of 576 against 64 (both with R4 of 1536)
+        RecipeSetting("frtq", 4, 64, **best),
+        RecipeSetting("random_hadamard_exact", 4, 64, block_size=576, **best),
+        RecipeSetting("random_hadamard_exact", 4, 64, block_size=64, **best),
+    ]
     out += [  # the decomposition: SpinQuant (hadamard, R1+R2+R4), no rotation
         RecipeSetting("hadamard", 4, 64, **w4, **a4, **kv_dynamic, **rotated),
         RecipeSetting("hadamard", 4, 64, **w4, **a4, **rotated),
@@ -223,12 +229,7 @@ def a4_suite() -> list[RecipeSetting]:
         RecipeSetting("none", 4, 64, **w4, **kv_dynamic),
         RecipeSetting("none", 4, 64, **w4),
     ]
-    out += [  # R1 wider than 64 (576 = 9 x 64 has no wider Walsh block): random Hadamard of 576 and of 64 (R4 1536)
-        RecipeSetting("random_hadamard_exact", 4, 64, block_size=576, **best),
-        RecipeSetting("random_hadamard_exact", 4, 64, block_size=64, **best),
-    ]
-    out += [  # FRTQ (the slowest)
-        RecipeSetting("frtq", 4, 64, **best),
+    out += [  # FRTQ's decomposition and formats (the slowest)
         RecipeSetting("frtq", 4, 64, **w4, **a4, **rotated),
         RecipeSetting("frtq", fp4="NVFP4", fp4_gptq=True),
         RecipeSetting("frtq_full", 4, 64, **best),  # R1 learned over the full width
@@ -237,10 +238,12 @@ def a4_suite() -> list[RecipeSetting]:
 
 
 def a4_draws_suite() -> list[RecipeSetting]:
-    """The W4A4KV4 rows whose difference is small (R3 or not, with the dynamic KV4), for
-    more calibration draws (``--seed 1``, ``--seed 2``; draw 0 is in suite ``a4``)."""
-    w4a4kv4 = dict(symmetric=False, activation_bits=4, kv_bits=4, kv_dynamic=True, online_r4=True)
-    return [RecipeSetting("gsr", 4, 64, **w4a4kv4, online_r3=True), RecipeSetting("gsr", 4, 64, **w4a4kv4)]
+    """The W4A4KV4 headline rows (GSR with the published protocol, with and without
+    the clips), for more calibration draws (``--seed 1``, ``--seed 2``; draw 0 is in
+    suite ``a4``)."""
+    published = dict(symmetric=False, activation_bits=4, kv_bits=4, kv_dynamic=True, online_r3=True, online_r4=True)
+    return [RecipeSetting("gsr", 4, 64, **published, activation_clip="search", kv_clip=0.95),
+            RecipeSetting("gsr", 4, 64, **published)]
 
 
 SUITES = {"main": main_suite, "online": online_suite, "bits": bits_suite, "blocks": blocks_suite,
