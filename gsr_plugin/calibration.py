@@ -75,37 +75,46 @@ def sample_layer_weights(
         out.append(LayerWeights(
             readers=torch.cat(readers), v=_weight(modules["v"]),
             o=pick(o, o_blocks), o_blocks=o_blocks, down=pick(down, down_blocks), down_blocks=down_blocks,
+            attention_readers=readers[0].shape[0] + readers[1].shape[0],
         ))
     return out
 
 
 @torch.no_grad()
 def cache_activations(
-    model: torch.nn.Module, layers: list[LayerModules], batches: Iterable[dict], tokens: int, seed: int
-) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    model: torch.nn.Module, layers: list[LayerModules], batches: Iterable[dict], tokens: int, seed: int,
+    holdout: int = 0,
+) -> tuple[torch.Tensor, list[torch.Tensor]] | tuple[torch.Tensor, list[torch.Tensor], torch.Tensor, list[torch.Tensor]]:
     """A seeded subsample of ``tokens`` real (unpadded) calibration tokens per layer
     at the inputs R1 rotates (q/k/v, the MLP inputs), stacked as ``(2 layers tokens,
     hidden)``, and at o_proj's input (R2), per layer ``(tokens, heads, head_dim)``,
     from forward passes of ``model`` as it is now. A shuffling dataloader (oneshot's)
-    is drawn in an order set by ``seed``, not by the global RNG, which is left as it was."""
+    is drawn in an order set by ``seed``, not by the global RNG, which is left as it was.
+
+    ``holdout > 0`` also returns as many *other* tokens per layer, drawn from the
+    positions the first sample left (the guard's held-out set); the first sample is
+    the same as without it."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         batches = list(batches)
     per_batch = max(1, math.ceil(tokens / max(1, len(batches))))
+    held_per_batch = max(1, math.ceil(holdout / max(1, len(batches)))) if holdout else 0
     generator = torch.Generator().manual_seed(seed)
-    stream: list[list[torch.Tensor]] = [[] for _ in range(2 * len(layers))]
-    o_inputs: list[list[torch.Tensor]] = [[] for _ in layers]
+    sets = ("learn", "held") if holdout else ("learn",)
+    stream = {name: [[] for _ in range(2 * len(layers))] for name in sets}
+    o_inputs = {name: [[] for _ in layers] for name in sets}
     keep: dict[str, torch.Tensor] = {}
 
-    def sample(x: torch.Tensor) -> torch.Tensor:
+    def record(lists: dict, index: int, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1])
-        return x[keep["index"].to(x.device)].float().cpu()
+        for name in sets:
+            lists[name][index].append(x[keep[name].to(x.device)].float().cpu())
 
     hooks = []
     for i, modules in enumerate(layers):
-        hooks.append(modules["q"].register_forward_pre_hook(lambda m, a, i=i: stream[2 * i].append(sample(a[0]))))
-        hooks.append(modules["mlp_in"][0].register_forward_pre_hook(lambda m, a, i=i: stream[2 * i + 1].append(sample(a[0]))))
-        hooks.append(modules["o"].register_forward_pre_hook(lambda m, a, i=i: o_inputs[i].append(sample(a[0]))))
+        hooks.append(modules["q"].register_forward_pre_hook(lambda m, a, i=i: record(stream, 2 * i, a[0])))
+        hooks.append(modules["mlp_in"][0].register_forward_pre_hook(lambda m, a, i=i: record(stream, 2 * i + 1, a[0])))
+        hooks.append(modules["o"].register_forward_pre_hook(lambda m, a, i=i: record(o_inputs, i, a[0])))
     device = get_execution_device(model)
     try:
         for batch in tqdm(batches, desc="FRTQ caching activations", leave=False):
@@ -114,15 +123,26 @@ def cache_activations(
             valid = (mask.reshape(-1) > 0).nonzero().flatten().cpu() if mask is not None else torch.arange(
                 batch["input_ids"].numel()
             )
-            keep["index"] = valid[torch.randperm(len(valid), generator=generator)[:per_batch]]
+            order = torch.randperm(len(valid), generator=generator)
+            keep["learn"] = valid[order[:per_batch]]
+            keep["held"] = valid[order[per_batch:per_batch + held_per_batch]]
             model(**batch, use_cache=False)
     finally:
         for hook in hooks:
             hook.remove()
     heads, head_dim = model.config.num_attention_heads, head_dim_of(model.config)
-    stream_tokens = torch.cat([torch.cat(x)[:tokens] for x in stream])
-    o_tokens = [torch.cat(x)[:tokens].reshape(-1, heads, head_dim) for x in o_inputs]
-    return stream_tokens, o_tokens
+
+    def stacked(name: str, count: int):
+        if name == "held":  # equal runs per layer (the guard reads the stream layer by layer)
+            count = min([count] + [len(torch.cat(x)) for x in stream[name]])
+            if count == 0:
+                raise ValueError("no calibration tokens were left for FRTQ's guard: pass more calibration samples")
+        return (torch.cat([torch.cat(x)[:count] for x in stream[name]]),
+                [torch.cat(x)[:count].reshape(-1, heads, head_dim) for x in o_inputs[name]])
+
+    if not holdout:
+        return stacked("learn", tokens)
+    return (*stacked("learn", tokens), *stacked("held", holdout))
 
 
 def frtq_problem(
@@ -139,20 +159,36 @@ def frtq_problem(
     weight_rows: int = 64,
     r4: torch.Tensor | None = None,
     seed: int = 0,
+    holdout: int = 0,
     **objective,
-) -> FRTQProblem:
+) -> FRTQProblem | tuple[FRTQProblem, FRTQProblem]:
     """FRTQ's problem for ``model``: cached activations where there is an activation
     grid and ``calibration`` batches, sampled weights where there is a weight grid;
-    ``objective``: ``FRTQProblem``'s factors, ``smooth`` and ``sharpness``."""
+    ``objective``: ``FRTQProblem``'s factors, ``smooth`` and ``sharpness``.
+
+    ``holdout > 0`` (and ``calibration``): also the guard's problem, ``holdout`` other
+    tokens per layer with the same weights (activations cached even without an
+    activation grid: the guard measures the output error of weight rounding on them)."""
     layers = layer_modules(model, mapping)
     stream, o_inputs = None, []
-    if activation_grid is not None and calibration is not None:
-        stream, o_inputs = cache_activations(model, layers, calibration, tokens, seed)
-    return FRTQProblem(
+    held = None
+    if calibration is not None and (activation_grid is not None or holdout):
+        cached = cache_activations(model, layers, calibration, tokens, seed, holdout)
+        stream, o_inputs = cached[:2]
+        if holdout:
+            held = cached[2:]
+        if activation_grid is None:  # cached for the guard only: no activation term
+            stream, o_inputs = None, []
+    weights = sample_layer_weights(layers, r1_block, weight_rows, seed, r4) if (weight_grid is not None or held) else []
+    problem = FRTQProblem(
         stream=stream if learn_r1 else None,
         o_inputs=o_inputs if learn_r2 else [],
-        layers=sample_layer_weights(layers, r1_block, weight_rows, seed, r4) if weight_grid is not None else [],
+        layers=weights if weight_grid is not None else [],
         activation_grid=activation_grid,
         weight_grid=weight_grid,
         **objective,
     )
+    if held is None:
+        return problem
+    return problem, FRTQProblem(stream=held[0], o_inputs=held[1], layers=weights, activation_grid=activation_grid,
+                                weight_grid=weight_grid, **objective)

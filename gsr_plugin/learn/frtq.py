@@ -59,6 +59,8 @@ class LayerWeights:
     :param down: ``(b k, intermediate)`` down_proj rows (R4 already applied on the input
         side) of the R1 blocks ``down_blocks``
     :param down_blocks: which R1 blocks ``down`` holds
+    :param attention_readers: how many of ``readers`` (the first) read the attention
+        input (q, k); the rest read the MLP input (None: not recorded)
     """
 
     readers: Tensor
@@ -67,6 +69,7 @@ class LayerWeights:
     o_blocks: Tensor
     down: Tensor
     down_blocks: Tensor
+    attention_readers: int | None = None
 
 
 @dataclass

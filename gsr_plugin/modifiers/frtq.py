@@ -28,6 +28,7 @@ from pydantic import Field, PrivateAttr, field_validator, model_validator
 
 from gsr_plugin.calibration import frtq_problem
 from gsr_plugin.learn.frtq import Grid, LearnResult, initial_blocks, learn_rotations
+from gsr_plugin.learn.guard import guard as guard_rotations
 from gsr_plugin.modifiers.gsr import GSRModifier
 from gsr_plugin.rotation import head_dim_of
 from gsr_plugin.saving import write_beside_checkpoint
@@ -82,6 +83,13 @@ class FRTQModifier(GSRModifier):
     :param weight_symmetric: symmetric weight grid (default: the quantizer's)
     :param activation_bits: activation grid bits (per token), 16 for none (default:
         the quantizer's input activations)
+    :param guard: keep a learned matrix only where it beats its initialization on
+        held-out calibration tokens (``gsr_plugin.learn.guard``: the quantized output
+        error of the linears it changes; R1 once, R2 per layer); the decision and the
+        errors go to ``learned["guard"]``. Needs oneshot's dataset (skipped, with a
+        warning, without one)
+    :param holdout_tokens: held-out tokens per rotated input of each layer, drawn from
+        positions the learning sample left (the learning sample is unchanged)
     :param rotations_from: a directory holding ``frtq/rotations.safetensors`` (a
         checkpoint this modifier wrote): apply those matrices, learn nothing
     :param learned: filled in after learning (the objective and its exact terms before
@@ -102,6 +110,8 @@ class FRTQModifier(GSRModifier):
     weight_group_size: int | Literal["channel"] | None = Field(default=None)
     weight_symmetric: bool | None = Field(default=None)
     activation_bits: int | None = Field(default=None, ge=1, le=16)
+    guard: bool = Field(default=True)
+    holdout_tokens: int = Field(default=128, ge=1)
     rotations_from: str | None = Field(default=None)
     learned: dict | None = Field(default=None)
 
@@ -110,6 +120,7 @@ class FRTQModifier(GSRModifier):
     _r1: torch.Tensor | None = PrivateAttr(default=None)
     _r2: dict[str, torch.Tensor] | None = PrivateAttr(default=None)
     _calibration: object = PrivateAttr(default=None)
+    _guarded: dict | None = PrivateAttr(default=None)
 
     @field_validator("init", "structure", "smooth_max", mode="before")
     @classmethod
@@ -227,7 +238,7 @@ class FRTQModifier(GSRModifier):
             self._r1 = result.r1 if "R1" in self.learned_rotations else None
             if "R2" in self.learned_rotations:
                 self._r2 = dict(zip(self._attention_names(model), result.r2.unbind(0)))
-            self.learned = _record(result)
+            self.learned = _record(result) | ({"guard": self._guarded} if self._guarded else {})
             logger.info(
                 f"FRTQ objective {result.objective_before:.4f} -> {result.objective_after:.4f} "
                 f"in {result.steps} steps ({result.seconds:.1f}s); exact ratios "
@@ -258,16 +269,35 @@ class FRTQModifier(GSRModifier):
         r4 = None
         if "R4" in self.rotations:
             r4 = grouped_rotation(config.intermediate_size, self.r4_block_size, self.ordering, dtype=torch.float32)
+        guarding = self.guard and self.steps > 0
+        if guarding and self._calibration is None:
+            logger.warning("FRTQ guard skipped: oneshot was given no dataset, so no held-out tokens to check "
+                           "the learned rotations on (pass dataset=, or set guard: false to silence this)")
+            guarding = False
         problem = frtq_problem(
             model, self._mapping,
             learn_r1="R1" in self.learned_rotations, learn_r2="R2" in self.learned_rotations,
             r1_block=r1_init.shape[-1], activation_grid=self._activation_grid, weight_grid=self._weight_grid,
             calibration=self._calibration if self.steps > 0 else None,
             tokens=self.tokens, weight_rows=self.weight_rows, r4=r4, seed=self.seed,
+            holdout=self.holdout_tokens if guarding else 0,
             activation_factor=self.activation_factor, weight_factor=self.weight_factor,
             smooth=self.smooth_max, sharpness=self.sharpness,
         )
-        return learn_rotations(problem, r1_init, r2_init, self.steps, self.lr)
+        held_out = None
+        if guarding:
+            problem, held_out = problem
+        result = learn_rotations(problem, r1_init, r2_init, self.steps, self.lr)
+        if held_out is not None:
+            decision = guard_rotations(held_out, r1_init, result.r1, r2_init, result.r2)
+            result.r1, result.r2 = decision.r1, decision.r2
+            self._guarded = decision.record()
+            logger.info(
+                f"FRTQ guard: R1 {self._guarded['R1']} (held-out error init {decision.r1_error['init']:.5f}, "
+                f"learned {decision.r1_error['learned']:.5f}); R2 learned in "
+                f"{len(self._guarded['R2_learned_layers'])} of {self._guarded['R2_layers']} layers"
+            )
+        return result
 
 
 def _record(result: LearnResult) -> dict:

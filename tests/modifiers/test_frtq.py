@@ -122,7 +122,8 @@ def test_checkpoint_reloads_and_rotations_reapply(load_tiny, calibration, tmp_pa
     """One oneshot with GPTQ writes the checkpoint, its rotations and a recipe that
     records FRTQ; transformers reloads it; rotations_from re-applies the matrices."""
     model = load_tiny("qwen2", torch.float32)
-    run(model, [FRTQModifier(steps=5, **{k: v for k, v in GRID.items() if k != "activation_bits"}),
+    # guard off: the reference below learns the same matrices without data (no held-out tokens)
+    run(model, [FRTQModifier(steps=5, guard=False, **{k: v for k, v in GRID.items() if k != "activation_bits"}),
                 GPTQModifier(config_groups={"group_0": W3G32}, ignore=["lm_head"])], calibration, output_dir=str(tmp_path))
     in_memory = logits(model, tokens)
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
@@ -136,7 +137,7 @@ def test_checkpoint_reloads_and_rotations_reapply(load_tiny, calibration, tmp_pa
     assert groups["R1"]["type"] == "learned-orthogonal"
 
     learned, again = load_tiny("qwen2"), load_tiny("qwen2")
-    run(learned, [FRTQModifier(steps=5, weight_bits=4, weight_group_size=32, weight_symmetric=False)])  # as saved
+    run(learned, [FRTQModifier(steps=5, guard=False, weight_bits=4, weight_group_size=32, weight_symmetric=False)])
     run(again, [FRTQModifier(rotations_from=str(tmp_path), weight_bits=3)])
     assert all(torch.allclose(x, y, atol=1e-12, rtol=0) for x, y in zip(state(learned).values(), state(again).values()))
 

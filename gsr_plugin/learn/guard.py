@@ -1,0 +1,151 @@
+"""FRTQ's guard: a learned rotation is kept only where it quantizes held-out tokens
+better than the rotation it started from. Torch only.
+
+The measure is the *quantized output error* of the linears a rotation changes, on
+calibration tokens the learning never saw, with round-to-nearest on the problem's
+grids (``gsr_plugin.learn.objectives.rounding_error``): for a linear with input ``x``
+and weight ``W`` in the rotated basis,
+
+    e = ||Q_a(x) Q_w(W)^T - x W^T||_F^2 / ||x W^T||_F^2
+
+(``Q_a`` the identity without an activation grid). R1 is judged on every layer at
+once (it is one matrix): the mean of ``e`` over the readers of the stream (q, k, v,
+the MLP inputs), o_proj (R1 on its outputs) and, for down_proj (whose inputs are not
+cached), its relative weight error ``||Q_w(W) - W||^2 / ||W||^2``. Each layer's R2 is
+judged on its v_proj and o_proj, with R1 as decided.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from gsr_plugin.learn.frtq import FRTQProblem, Grid
+from gsr_plugin.learn.objectives import rounding_error
+from gsr_plugin.learn.orthogonal import rotate_inputs, rotate_output_blocks
+
+__all__ = ["GuardDecision", "quantized_output_error", "layer_errors", "guard"]
+
+
+def _quantize(x: Tensor, grid: Grid | None, per_row: bool = False) -> Tensor:
+    if grid is None:
+        return x
+    group = None if per_row else grid.group_size
+    if group is not None and x.shape[-1] % group:
+        group = None
+    return x + rounding_error(x, grid.bits, grid.symmetric, group)
+
+
+def quantized_output_error(x: Tensor, w: Tensor, activation_grid: Grid | None, weight_grid: Grid | None) -> float:
+    """``||Q_a(x) Q_w(w)^T - x w^T||^2 / ||x w^T||^2`` (activations: one scale per token)."""
+    x, w = x.double(), w.double()
+    exact = x @ w.T
+    quantized = _quantize(x, activation_grid, per_row=True) @ _quantize(w, weight_grid).T
+    return float((quantized - exact).pow(2).sum() / exact.pow(2).sum().clamp_min(1e-30))
+
+
+def layer_errors(problem: FRTQProblem, r1: Tensor, r2: Tensor | None) -> list[dict[str, float]]:
+    """Per layer, the quantized output error of each kind of linear under ``r1``
+    (``(m, k, k)`` blocks) and ``r2`` (``(layers, head_dim, head_dim)`` or None), on
+    the problem's tokens (``stream``: ``2 layers`` equal runs of tokens, the attention
+    and MLP inputs of each layer in turn; ``o_inputs``)."""
+    a, w = problem.activation_grid, problem.weight_grid
+    layers = len(problem.layers)
+    if problem.stream is None or not layers:
+        raise ValueError("the guard needs held-out tokens and the sampled weights of every layer")
+    per = problem.stream.shape[0] // (2 * layers)
+    out = []
+    for l, lw in enumerate(problem.layers):
+        attention_in = rotate_inputs(problem.stream[2 * l * per:(2 * l + 1) * per].double(), r1)
+        mlp_in = rotate_inputs(problem.stream[(2 * l + 1) * per:(2 * l + 2) * per].double(), r1)
+        readers = rotate_inputs(lw.readers.double(), r1)
+        split = lw.attention_readers if lw.attention_readers is not None else 0
+        errors = {}
+        if split:
+            errors["attention_readers"] = quantized_output_error(attention_in, readers[:split], a, w)
+        errors["mlp_readers"] = quantized_output_error(mlp_in, readers[split:], a, w)
+        v = lw.v.double()
+        if r2 is not None:
+            v = rotate_output_blocks(v, r2[l].double().expand(v.shape[0] // r2.shape[-1], -1, -1))
+        errors["v_proj"] = quantized_output_error(attention_in, rotate_inputs(v, r1), a, w)
+        o = rotate_output_blocks(lw.o.double(), r1[lw.o_blocks])
+        if problem.o_inputs:
+            x = problem.o_inputs[l].double()
+            if r2 is not None:
+                x = x @ r2[l].double()
+                o = rotate_inputs(o, r2[l].double().expand(o.shape[-1] // r2.shape[-1], -1, -1))
+            errors["o_proj"] = quantized_output_error(x.reshape(x.shape[0], -1), o, a, w)
+        down = rotate_output_blocks(lw.down.double(), r1[lw.down_blocks])
+        errors["down_proj_weight"] = float(
+            (_quantize(down, w) - down).pow(2).sum() / down.pow(2).sum().clamp_min(1e-30)
+        ) if w is not None else 0.0
+        out.append(errors)
+    return out
+
+
+def _mean(errors: list[dict[str, float]], keys=None) -> float:
+    values = [v for e in errors for k, v in e.items() if keys is None or k in keys]
+    return sum(values) / len(values)
+
+
+@dataclass
+class GuardDecision:
+    """What the guard kept: ``r1`` and ``r2`` (learned where they won), and the
+    held-out errors behind each choice."""
+
+    r1: Tensor
+    r2: Tensor | None
+    r1_learned: bool
+    r1_error: dict[str, float]  # {"init": e, "learned": e}
+    r2_learned: list[bool] = field(default_factory=list)
+    r2_error: list[dict[str, float]] = field(default_factory=list)
+
+    def record(self) -> dict:
+        return {
+            "R1": "learned" if self.r1_learned else "init",
+            "R1_error": {k: round(v, 6) for k, v in self.r1_error.items()},
+            "R2_learned_layers": [i for i, kept in enumerate(self.r2_learned) if kept],
+            "R2_layers": len(self.r2_learned),
+            "R2_error": [{k: round(v, 6) for k, v in e.items()} for e in self.r2_error],
+        }
+
+
+@torch.no_grad()
+def guard(
+    held_out: FRTQProblem,
+    r1_init: Tensor,
+    r1_learned: Tensor,
+    r2_init: Tensor | None = None,
+    r2_learned: Tensor | None = None,
+) -> GuardDecision:
+    """Keep the learned R1 only where its held-out error (all layers, R2 at its
+    initialization) is below the initialization's; then each layer's learned R2 only
+    where its v_proj and o_proj error (under the chosen R1) is below its
+    initialization's. Ties keep the initialization."""
+    r1_init, r1_learned = r1_init.double(), r1_learned.double()
+    r2_init = None if r2_init is None else r2_init.double()
+    r1_error = {
+        "init": _mean(layer_errors(held_out, r1_init, r2_init)),
+        "learned": _mean(layer_errors(held_out, r1_learned, r2_init)),
+    }
+    keep_r1 = r1_error["learned"] < r1_error["init"]
+    r1 = r1_learned if keep_r1 else r1_init
+    decision = GuardDecision(r1=r1, r2=r2_init, r1_learned=keep_r1, r1_error=r1_error)
+    if r2_learned is None or r2_init is None:
+        decision.r2 = r2_learned if r2_init is None else r2_init
+        return decision
+    r2_learned = r2_learned.double()
+    head_kinds = {"v_proj", "o_proj"}
+    before = layer_errors(held_out, r1, r2_init)
+    after = layer_errors(held_out, r1, r2_learned)
+    chosen = []
+    for l in range(r2_init.shape[0]):
+        errors = {"init": _mean([before[l]], head_kinds), "learned": _mean([after[l]], head_kinds)}
+        keep = errors["learned"] < errors["init"]
+        decision.r2_learned.append(keep)
+        decision.r2_error.append(errors)
+        chosen.append(r2_learned[l] if keep else r2_init[l])
+    decision.r2 = torch.stack(chosen)
+    return decision
