@@ -332,6 +332,9 @@ def shipped_settings() -> list[RecipeSetting]:
         # of head_dim (docs/results.md: 2.8x float against 5.0x with the static cache above)
         RecipeSetting("gsr", 4, 64, symmetric=False, activation_bits=4, online_r3=True, online_r4=True, kv_bits=4,
                       kv_dynamic=True),
+        # ... with QuaRot's clips (activations 0.9, KV 0.95): the best measured (docs/results.md)
+        RecipeSetting("gsr", 4, 64, symmetric=False, activation_bits=4, online_r3=True, online_r4=True, kv_bits=4,
+                      kv_dynamic=True, activation_clip=0.9, kv_clip=0.95),
     ]
     for method in ("none", "hadamard", "random_hadamard", "gsr", "gsr_random"):
         for bits in (2, 3, 4):
@@ -348,6 +351,8 @@ def shipped_settings() -> list[RecipeSetting]:
         RecipeSetting("frtq", 4, 64, symmetric=False, activation_bits=4, online_r4=True, kv_bits=4),
         RecipeSetting("frtq", 4, 64, symmetric=False, activation_bits=4, online_r3=True, online_r4=True, kv_bits=4,
                       kv_dynamic=True),
+        RecipeSetting("frtq", 4, 64, symmetric=False, activation_bits=4, online_r3=True, online_r4=True, kv_bits=4,
+                      kv_dynamic=True, activation_clip=0.9, kv_clip=0.95),
         RecipeSetting("frtq", 4, 64, symmetric=False, activation_bits=4, online_r4=True),
     ]
     settings += [  # FP4 (vLLM on GPU): R1+R2 blocks of head_dim, a multiple of both scale groups

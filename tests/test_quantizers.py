@@ -166,11 +166,36 @@ def test_clips_and_sinks_change_only_the_quantizer(load_tiny, calibration, token
     assert relative_error(logits(model, tokens), logits(load_tiny("llama", torch.float32), tokens)) < 1e-5
 
 
-def test_the_recipe_fields_reach_config_json(load_tiny, calibration, tmp_path):
+def test_clips_and_sinks_survive_save_and_load(load_tiny, calibration, tokens, tmp_path):
+    """A W4A4 model with R1-R4, a clipped activation quantizer and a dynamic KV4 cache
+    with a clip and a sink, saved and loaded back: config.json carries the options and
+    the reloaded model computes the in-memory logits."""
     import json
 
+    from llmcompressor.modifiers.quantization import QuantizationModifier
+
+    from gsr_plugin import GSRModifier
+    from gsr_plugin.loading import load_with_online_transforms
+
     scheme = {**KV4_DYNAMIC, "observer_kwargs": {"clip_ratio": 0.95, "sink_tokens": 1}}
-    model = kv_model(load_tiny, calibration, scheme, rotations=("R1", "R2"))
+    acts = {**TOKEN_A4, "observer_kwargs": {"clip_ratio": 0.9}}
+    weights = {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "channel"}
+    quantizer = QuantizationModifier(config_groups={"g": {"targets": ["Linear"], "weights": weights,
+                                                          "input_activations": acts}},
+                                     ignore=["lm_head"], kv_cache_scheme=scheme)
+    model = run_oneshot(load_tiny("llama", torch.float32),
+                        [GSRModifier(rotations=["R1", "R2", "R3", "R4"], block_size=32), quantizer], calibration)
+    before = logits(model, tokens)
     model.save_pretrained(tmp_path)
-    kv = json.loads((tmp_path / "config.json").read_text())["quantization_config"]["kv_cache_scheme"]
-    assert kv["observer_kwargs"] == {"clip_ratio": 0.95, "sink_tokens": 1}
+    qconfig = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+    assert qconfig["kv_cache_scheme"]["observer_kwargs"] == {"clip_ratio": 0.95, "sink_tokens": 1}
+    (group,) = [g for g in qconfig["config_groups"].values() if g.get("weights")]  # the other: attention (KV)
+    assert group["input_activations"]["observer_kwargs"] == {"clip_ratio": 0.9}
+    reloaded = load_with_online_transforms(tmp_path, dtype=torch.float32)
+    assert relative_error(logits(reloaded, tokens), before) < 1e-5
+    unclipped = load_with_online_transforms(tmp_path, dtype=torch.float32)
+    for module in unclipped.modules():
+        args = getattr(getattr(module, "quantization_scheme", None), "input_activations", None)
+        if args is not None:
+            args.observer_kwargs = {}
+    assert relative_error(logits(unclipped, tokens), before) > 1e-3  # the options were in force
