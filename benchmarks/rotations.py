@@ -210,8 +210,9 @@ def a4_suite() -> list[RecipeSetting]:
         RecipeSetting("gsr", 4, 64, **published, activation_clip="search", kv_clip=0.95, sink_tokens=1),
     ]
     best = dict(**published, activation_clip=0.9, kv_clip=0.95)  # the searched clip did no better
-    out += [  # the deployable 4-bit activation format: NVFP4 (W4A4 in FP4 groups of 16, 16-bit KV) through GPTQ
-        RecipeSetting(method, fp4="NVFP4", fp4_gptq=True) for method in ("none", "gsr")
+    out += [  # the deployable 4-bit activation format: NVFP4 (W4A4 in FP4 groups of 16, 16-bit KV) through
+        # GPTQ; FRTQ learns for its integer proxy (int4 symmetric groups of 16, int4 per-token activations)
+        RecipeSetting(method, fp4="NVFP4", fp4_gptq=True) for method in ("none", "gsr", "frtq")
     ]
     out += [  # FRTQ at the best setting; R1 wider than 64 (576 = 9 x 64 has no wider Walsh
         # block): random Hadamard of 576 against 64 (both with R4 of 1536)
@@ -229,10 +230,9 @@ def a4_suite() -> list[RecipeSetting]:
         RecipeSetting("none", 4, 64, **w4, **kv_dynamic),
         RecipeSetting("none", 4, 64, **w4),
     ]
-    out += [  # FRTQ's decomposition and formats (the slowest)
+    out += [  # FRTQ's decomposition and full-width R1 (the slowest)
         RecipeSetting("frtq", 4, 64, **w4, **a4, **rotated),
-        RecipeSetting("frtq", fp4="NVFP4", fp4_gptq=True),
-        RecipeSetting("frtq_full", 4, 64, **best),  # R1 learned over the full width
+        RecipeSetting("frtq_full", 4, 64, **best),
     ]
     return out
 

@@ -280,6 +280,10 @@ def build_recipe(setting: RecipeSetting, head_dim: int | None = None) -> dict:
     if setting.rank:
         modifiers["LowRankModifier"] = {"rank": setting.rank, "method": setting.lowrank}
     if setting.fp4:
+        for name, fields in modifiers.items():  # FRTQ learns for an integer proxy of the FP4 grid
+            if name == "FRTQModifier":
+                group, acts = FP4_SCHEMES[setting.fp4]
+                fields.update(weight_bits=4, weight_group_size=group, weight_symmetric=True, activation_bits=acts)
         quantizer = "GPTQModifier" if setting.fp4_gptq else "QuantizationModifier"
         modifiers[quantizer] = {"targets": ["Linear"], "ignore": ["lm_head"], "scheme": setting.fp4}
         return {"quant_stage": {"quant_modifiers": modifiers}}
