@@ -210,6 +210,9 @@ def a4_suite() -> list[RecipeSetting]:
         RecipeSetting("gsr", 4, 64, **published, activation_clip="search", kv_clip=0.95, sink_tokens=1),
     ]
     best = dict(**published, activation_clip=0.9, kv_clip=0.95)  # the searched clip did no better
+    out += [  # the static cache with R3 and no sink: what the sink row is measured against
+        RecipeSetting("gsr", 4, 64, **w4, **a4, **kv_static, **rotated, online_r3=True),
+    ]
     out += [  # the deployable 4-bit activation format: NVFP4 (W4A4 in FP4 groups of 16, 16-bit KV) through
         # GPTQ; FRTQ learns for its integer proxy (int4 symmetric groups of 16, int4 per-token activations)
         RecipeSetting(method, fp4="NVFP4", fp4_gptq=True) for method in ("none", "gsr", "frtq")
