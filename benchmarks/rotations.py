@@ -220,6 +220,7 @@ def a4_suite() -> list[RecipeSetting]:
     out += [  # FRTQ at the best setting; R1 wider than 64 (576 = 9 x 64 has no wider Walsh
         # block): random Hadamard of 576 against 64 (both with R4 of 1536)
         RecipeSetting("frtq", 4, 64, **best),
+        RecipeSetting("frtq", 4, 64, **{**best, "activation_clip": "learn"}),  # the clip learned with R1/R2
         RecipeSetting("random_hadamard_exact", 4, 64, block_size=576, **best),
         RecipeSetting("random_hadamard_exact", 4, 64, block_size=64, **best),
     ]

@@ -133,10 +133,10 @@ def cache_activations(
     heads, head_dim = model.config.num_attention_heads, head_dim_of(model.config)
 
     def stacked(name: str, count: int):
-        if name == "held":  # equal runs per layer (the guard reads the stream layer by layer)
-            count = min([count] + [len(torch.cat(x)) for x in stream[name]])
-            if count == 0:
-                raise ValueError("no calibration tokens were left for FRTQ's guard: pass more calibration samples")
+        # equal runs per layer input (the guard and the learned clips read the stream run by run)
+        count = min([count] + [len(torch.cat(x)) for x in stream[name]])
+        if count == 0:
+            raise ValueError(f"no calibration tokens were left for FRTQ's {name} sample: pass more calibration samples")
         return (torch.cat([torch.cat(x)[:count] for x in stream[name]]),
                 [torch.cat(x)[:count].reshape(-1, heads, head_dim) for x in o_inputs[name]])
 
@@ -180,7 +180,9 @@ def frtq_problem(
         if activation_grid is None:  # cached for the guard only: no activation term
             stream, o_inputs = None, []
     weights = sample_layer_weights(layers, r1_block, weight_rows, seed, r4) if (weight_grid is not None or held) else []
+    runs = 2 * len(layers)
     problem = FRTQProblem(
+        stream_runs=runs if stream is not None and learn_r1 else 0,
         stream=stream if learn_r1 else None,
         o_inputs=o_inputs if learn_r2 else [],
         layers=weights if weight_grid is not None else [],
@@ -191,4 +193,4 @@ def frtq_problem(
     if held is None:
         return problem
     return problem, FRTQProblem(stream=held[0], o_inputs=held[1], layers=weights, activation_grid=activation_grid,
-                                weight_grid=weight_grid, **objective)
+                                weight_grid=weight_grid, stream_runs=runs, **objective)

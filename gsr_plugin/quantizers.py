@@ -35,7 +35,8 @@ from torch import Tensor
 from torch.nn import Module
 
 __all__ = ["CLIP_RATIO", "SINK_TOKENS", "INPUT_CLIP_ATTR", "CLIP_DIR", "CLIP_FILE", "clip_ratio_of", "sink_tokens_of",
-           "dynamic_qparams", "clip_error", "apply_activation_clips", "install"]
+           "dynamic_qparams", "clip_error", "apply_activation_clips", "write_activation_clips",
+           "save_activation_clips_with", "install"]
 
 CLIP_RATIO = "clip_ratio"
 SINK_TOKENS = "sink_tokens"
@@ -121,6 +122,27 @@ def apply_activation_clips(model: torch.nn.Module, checkpoint: str | Path) -> in
     for name, ratio in ratios.items():
         setattr(modules[name], INPUT_CLIP_ATTR, float(ratio))
     return len(ratios)
+
+
+def write_activation_clips(model: Module, directory: str | Path) -> Path | None:
+    """Every linear's ``input_clip_ratio`` to ``directory/clip/input_clip_ratios.json``
+    (none: nothing written)."""
+    ratios = {name: float(getattr(module, INPUT_CLIP_ATTR)) for name, module in model.named_modules()
+              if getattr(module, INPUT_CLIP_ATTR, None) is not None}
+    if not ratios:
+        return None
+    folder = Path(directory) / CLIP_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / CLIP_FILE
+    path.write_text(json.dumps(ratios, indent=1, sort_keys=True) + "\n")
+    return path
+
+
+def save_activation_clips_with(model: Module) -> None:
+    """Have every ``model.save_pretrained`` also write the clip ratios on its linears."""
+    from gsr_plugin.saving import write_beside_checkpoint
+
+    write_beside_checkpoint(model, "activation_clips", lambda directory: write_activation_clips(model, directory))
 
 
 def install() -> None:

@@ -71,7 +71,8 @@ class RecipeSetting:
     :param activation_clip: the activation quantizer's clip ratio (``observer_kwargs``,
         ``gsr_plugin.quantizers``): each token's range times this (QuaRot, SpinQuant:
         0.9), or ``"search"``: one ratio per linear searched on the calibration set
-        (``ActivationClipModifier``); None: no clip
+        (``ActivationClipModifier``), or ``"learn"`` (FRTQ methods): learned with the
+        rotations (``FRTQModifier learn_clip``); None: no clip
     :param kv_clip: the dynamic KV quantizer's clip ratio (published: 0.95)
     :param sink_tokens: keep the keys and values of each sequence's first N tokens
         unquantized (IntactKV, PrefixQuant)
@@ -122,10 +123,13 @@ class RecipeSetting:
         if self.activation_clip is not None:
             if self.activation_bits == 16 or self.fp4:
                 raise ValueError("activation_clip clips the int activation quantizer: set activation_bits to 8 or 4")
-            if self.activation_clip != "search" and not (
+            if self.activation_clip not in ("search", "learn") and not (
                 isinstance(self.activation_clip, (int, float)) and 0 < self.activation_clip < 1
             ):
-                raise ValueError(f"activation_clip must be a ratio in (0, 1) or 'search', not {self.activation_clip!r}")
+                raise ValueError(
+                    f"activation_clip must be a ratio in (0, 1), 'search' or 'learn', not {self.activation_clip!r}")
+            if self.activation_clip == "learn" and not self.method.startswith("frtq"):
+                raise ValueError("activation_clip='learn' is FRTQ's (learned with its rotations): use an frtq method")
         if self.kv_clip is not None and not (self.kv_dynamic and 0 < self.kv_clip < 1):
             raise ValueError("kv_clip is a ratio in (0, 1) for the dynamic KV quantizer (kv_dynamic=True); "
                              "static scales come from their observer")
@@ -170,7 +174,8 @@ class RecipeSetting:
         percent = lambda ratio: f"{round(ratio * 100):d}"  # noqa: E731
         out = ""
         if self.activation_clip is not None:
-            out += "_aclip" + ("search" if self.activation_clip == "search" else percent(self.activation_clip))
+            out += "_aclip" + (self.activation_clip if isinstance(self.activation_clip, str)
+                               else percent(self.activation_clip))
         if self.kv_clip is not None:
             out += f"_kvclip{percent(self.kv_clip)}"
         return out + (f"_sink{self.sink_tokens}" if self.sink_tokens else "")
@@ -205,6 +210,8 @@ class RecipeSetting:
         clips = []
         if self.activation_clip == "search":
             clips.append("activation clip ratios searched per linear")
+        elif self.activation_clip == "learn":
+            clips.append("activation clip ratios learned with the rotations")
         elif self.activation_clip is not None:
             clips.append(f"activations clipped at {self.activation_clip}")
         if self.kv_clip is not None:
@@ -305,6 +312,8 @@ def build_recipe(setting: RecipeSetting, head_dim: int | None = None) -> dict:
         modifiers["GPTQModifier"]["kv_cache_scheme"]["observer_kwargs"] = kv_extra
     if setting.activation_clip == "search":  # after the quantizer, whose activations it clips
         modifiers["ActivationClipModifier"] = {}
+    if setting.activation_clip == "learn":
+        modifiers["FRTQModifier"]["learn_clip"] = True
     return {"quant_stage": {"quant_modifiers": modifiers}}
 
 
@@ -357,6 +366,8 @@ def shipped_settings() -> list[RecipeSetting]:
                       kv_dynamic=True),
         RecipeSetting("frtq", 4, 64, symmetric=False, activation_bits=4, online_r3=True, online_r4=True, kv_bits=4,
                       kv_dynamic=True, activation_clip=0.9, kv_clip=0.95),
+        RecipeSetting("frtq", 4, 64, symmetric=False, activation_bits=4, online_r3=True, online_r4=True, kv_bits=4,
+                      kv_dynamic=True, activation_clip="learn", kv_clip=0.95),  # the clip learned with R1/R2
         RecipeSetting("frtq", 4, 64, symmetric=False, activation_bits=4, online_r4=True),
     ]
     settings += [  # FP4 (vLLM on GPU): R1+R2 blocks of head_dim, a multiple of both scale groups
@@ -408,7 +419,7 @@ def setting_from_name(name: str) -> RecipeSetting:
     pattern = (
         r"(?P<m>[a-z_]+?)_w(?P<w>\d+)a(?P<a>\d+)(?:kv(?P<kv>\d+))?(?:_g(?P<g>\d+)|(?P<ch>_ch))?"
         r"(?P<asym>_asym)?(?:_r(?P<r3>3)?(?P<r4>4)?(?:b(?P<r4b>\d+))?)?(?P<dynkv>_dynkv)?(?:_lr(?P<lr>\d+)(?P<lra>a)?)?(?P<mse>_mse)?"
-        r"(?:_aclip(?P<aclip>search|\d+))?(?:_kvclip(?P<kvclip>\d+))?(?:_sink(?P<sink>\d+))?_gptq$"
+        r"(?:_aclip(?P<aclip>search|learn|\d+))?(?:_kvclip(?P<kvclip>\d+))?(?:_sink(?P<sink>\d+))?_gptq$"
     )
     fp4 = re.fullmatch(
         r"(?P<m>[a-z_]+?)_(?P<fp4>nvfp4a16|nvfp4|mxfp4a16|mxfp4)(?:_r(?P<r3>3)?(?P<r4>4)?(?:b(?P<r4b>\d+))?)?(?:_lr(?P<lr>\d+)(?P<lra>a)?)?_(?P<q>rtn|gptq)", name
@@ -434,7 +445,8 @@ def setting_from_name(name: str) -> RecipeSetting:
         kv_bits=int(match["kv"]) if match["kv"] else None,
         kv_dynamic=match["dynkv"] is not None,
         weight_observer="mse" if match["mse"] else "minmax",
-        activation_clip=None if match["aclip"] is None else ("search" if match["aclip"] == "search" else int(match["aclip"]) / 100),
+        activation_clip=None if match["aclip"] is None else (
+            match["aclip"] if not match["aclip"].isdigit() else int(match["aclip"]) / 100),
         kv_clip=int(match["kvclip"]) / 100 if match["kvclip"] else None,
         sink_tokens=int(match["sink"]) if match["sink"] else 0,
         rank=int(match["lr"]) if match["lr"] else 0,

@@ -147,7 +147,12 @@ def test_clips_and_sinks_are_spelled_and_built_where_llm_compressor_keeps_quanti
     searched = RecipeSetting("frtq", 4, 64, **w4a4kv4, activation_clip="search")
     assert fixed.name == "gsr_w4a4kv4_g64_asym_r34_dynkv_aclip90_kvclip95_sink1_gptq"
     assert searched.name == "frtq_w4a4kv4_g64_asym_r34_dynkv_aclipsearch_gptq"
-    for setting in (fixed, searched):
+    learned = RecipeSetting("frtq", 4, 64, **w4a4kv4, activation_clip="learn", kv_clip=0.95)
+    assert learned.name == "frtq_w4a4kv4_g64_asym_r34_dynkv_acliplearn_kvclip95_gptq"
+    assert build_recipe(learned, 64)["quant_stage"]["quant_modifiers"]["FRTQModifier"]["learn_clip"] is True
+    with pytest.raises(ValueError, match="FRTQ's"):
+        RecipeSetting("gsr", 4, 64, **w4a4kv4, activation_clip="learn")
+    for setting in (fixed, searched, learned):
         assert setting_from_name(setting.name) == setting
     modifiers = build_recipe(fixed, 64)["quant_stage"]["quant_modifiers"]
     gptq = modifiers["GPTQModifier"]

@@ -31,11 +31,11 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from gsr_plugin.learn.objectives import SmoothMax, grid_to_std_ratio
+from gsr_plugin.learn.objectives import SmoothMax, clipped_ratio, grid_to_std_ratio
 from gsr_plugin.learn.orthogonal import OrthogonalMatrices, rotate_inputs, rotate_output_blocks
 from gsr_plugin.walsh import walsh_matrix
 
-__all__ = ["Grid", "LayerWeights", "FRTQProblem", "LearnResult", "initial_blocks", "learn_rotations"]
+__all__ = ["Grid", "LayerWeights", "FRTQProblem", "LearnResult", "initial_blocks", "initial_clips", "learn_rotations"]
 
 
 @dataclass(frozen=True)
@@ -82,6 +82,9 @@ class FRTQProblem:
     :param layers: per layer ``LayerWeights``, or empty (no weight term)
     :param activation_grid: grid of activations (None: 16-bit, no activation term)
     :param weight_grid: grid of weights (None: no weight term)
+    :param stream_runs: ``stream`` is this many equal runs of tokens, the attention and
+        MLP inputs of each layer in turn (``2 layers``; 0: not recorded). Per-input
+        clips need it
     """
 
     stream: Tensor | None
@@ -93,24 +96,40 @@ class FRTQProblem:
     weight_factor: float = 1.0
     smooth: SmoothMax = "logsumexp"
     sharpness: float = 8.0
+    stream_runs: int = 0
 
     def _rho(self, x: Tensor, grid: Grid, smooth: SmoothMax) -> Tensor:
         return grid_to_std_ratio(x, grid.bits, grid.symmetric, grid.group_size, smooth, self.sharpness)
 
-    def terms(self, r1: Tensor, r2: Tensor | None, smooth: SmoothMax | None = None) -> dict[str, Tensor]:
+    def terms(
+        self, r1: Tensor, r2: Tensor | None, smooth: SmoothMax | None = None, clips: dict[str, Tensor] | None = None
+    ) -> dict[str, Tensor]:
         """Mean ratio of each kind of quantized tensor under the rotations ``r1``
         (``(m, k, k)`` blocks) and ``r2`` (``(layers, head_dim, head_dim)`` or None:
-        identity). ``smooth`` defaults to the problem's surrogate."""
+        identity). ``smooth`` defaults to the problem's surrogate. ``clips``:
+        activation clip ratios, ``{"stream": (stream_runs,), "o": (layers,)}``; the
+        activations then count ``clipped_ratio`` (the clipped grid plus the clipping
+        error) instead of ``rho``, with the exact max: a smooth surrogate overstates
+        the range, and a learned clip would only undo that."""
         smooth = smooth or self.smooth
         out: dict[str, Tensor] = {}
         a, w = self.activation_grid, self.weight_grid
         if a is not None and self.stream is not None:
-            out["act_stream"] = self._rho(rotate_inputs(self.stream, r1), a, smooth).mean()
+            y = rotate_inputs(self.stream, r1)
+            if clips is None:
+                out["act_stream"] = self._rho(y, a, smooth).mean()
+            else:
+                y = y.reshape(self.stream_runs, -1, y.shape[-1])
+                out["act_stream"] = clipped_ratio(y, a.bits, a.symmetric, clips["stream"]).mean()
         if a is not None and self.o_inputs:
             values = []
             for l, x in enumerate(self.o_inputs):
                 y = x if r2 is None else x @ r2[l]
-                values.append(self._rho(y.reshape(y.shape[0], -1), a, smooth))
+                y = y.reshape(y.shape[0], -1)
+                if clips is None:
+                    values.append(self._rho(y, a, smooth))
+                else:
+                    values.append(clipped_ratio(y, a.bits, a.symmetric, clips["o"][l]))
             out["act_o_proj"] = torch.cat(values).mean()
         if w is not None and self.layers:
             kinds: dict[str, list[Tensor]] = {"readers": [], "v_proj": [], "o_proj": [], "down_proj": []}
@@ -131,8 +150,10 @@ class FRTQProblem:
                 out[f"weight_{kind}"] = torch.cat(values).mean()
         return out
 
-    def loss(self, r1: Tensor, r2: Tensor | None, smooth: SmoothMax | None = None) -> Tensor:
-        terms = self.terms(r1, r2, smooth)
+    def loss(
+        self, r1: Tensor, r2: Tensor | None, smooth: SmoothMax | None = None, clips: dict[str, Tensor] | None = None
+    ) -> Tensor:
+        terms = self.terms(r1, r2, smooth, clips)
         act = [v for k, v in terms.items() if k.startswith("act_")]
         wgt = [v for k, v in terms.items() if k.startswith("weight_")]
         total = torch.zeros(())
@@ -167,12 +188,28 @@ class LearnResult:
     objective_after: float = math.nan
     steps: int = 0
     seconds: float = 0.0
+    clips: dict[str, Tensor] | None = None  # learned activation clips ({"stream", "o"}), or None
+    clipped_after: dict[str, float] = field(default_factory=dict)  # exact terms with them
 
 
-def _exact(problem: FRTQProblem, r1: Tensor, r2: Tensor | None) -> dict[str, float]:
+def _exact(problem: FRTQProblem, r1: Tensor, r2: Tensor | None, clips=None) -> dict[str, float]:
     with torch.no_grad():
-        terms = problem.terms(r1.float(), None if r2 is None else r2.float(), smooth="exact")
+        terms = problem.terms(r1.float(), None if r2 is None else r2.float(), smooth="exact", clips=clips)
     return {k: float(v) for k, v in terms.items()}
+
+
+def initial_clips(problem: FRTQProblem) -> dict[str, Tensor]:
+    """Clip ratios of 1 (no clip) for every input the problem's activations have."""
+    if problem.activation_grid is None or problem.activation_grid.group_size is not None:
+        raise ValueError("learning the clip needs activations quantized with one scale per token")
+    out = {}
+    if problem.stream is not None:
+        if problem.stream_runs < 1 or problem.stream.shape[0] % problem.stream_runs:
+            raise ValueError("learning the clip needs the stream as equal runs per layer input (stream_runs)")
+        out["stream"] = torch.ones(problem.stream_runs)
+    if problem.o_inputs:
+        out["o"] = torch.ones(len(problem.o_inputs))
+    return out
 
 
 def learn_rotations(
@@ -182,41 +219,68 @@ def learn_rotations(
     steps: int = 100,
     lr: float = 1e-2,
     progress: bool = True,
+    learn_clip: bool = False,
+    clip_floor: float = 0.5,
 ) -> LearnResult:
     """Minimize ``problem.loss`` over ``R1 = blockdiag(r1_init_j expm(S_j))`` and
     ``R2_l = r2_init_l expm(S'_l)`` with Adam on the skew generators; returns the
     learned matrices in float64 (orthogonal to rounding) and the objective before
     and after. ``steps=0`` returns the initialization exactly. Nothing here is random
-    (the initialization is the caller's), so the global RNG is left alone."""
+    (the initialization is the caller's), so the global RNG is left alone.
+
+    ``learn_clip``: also a clip ratio per activation input (``initial_clips``, from 1),
+    in alternating updates: each step moves the rotations with the clips fixed, then
+    the clips (projected onto ``[clip_floor, 1]``) with the rotations fixed, both on
+    the clipped objective (``clipped_ratio``: the clipped grid plus the clipping
+    error)."""
     start = time.perf_counter()
     r1 = OrthogonalMatrices(r1_init)
     r2 = OrthogonalMatrices(r2_init) if r2_init is not None else None
     params = list(r1.parameters()) + (list(r2.parameters()) if r2 is not None else [])
+    clips = {k: torch.nn.Parameter(v) for k, v in initial_clips(problem).items()} if learn_clip else None
+    if clips is not None and not 0 < clip_floor < 1:
+        raise ValueError(f"clip_floor must be in (0, 1), got {clip_floor}")
     result = LearnResult(r1=r1_init.to(torch.float64), r2=None if r2_init is None else r2_init.to(torch.float64))
     result.before = _exact(problem, result.r1, result.r2)
     with torch.no_grad():
-        result.objective_before = float(problem.loss(r1.matrices(), r2.matrices() if r2 is not None else None))
+        result.objective_before = float(problem.loss(r1.matrices(), r2.matrices() if r2 is not None else None,
+                                                     clips=clips))
     if steps > 0:
-        _learn_steps(problem, r1, r2, params, steps, lr, progress)
+        _learn_steps(problem, r1, r2, params, steps, lr, progress, clips, clip_floor)
         with torch.no_grad():
             result.r1 = r1.matrices(torch.float64).detach()
             result.r2 = r2.matrices(torch.float64).detach() if r2 is not None else None
-            result.objective_after = float(problem.loss(r1.matrices(), r2.matrices() if r2 is not None else None))
+            result.objective_after = float(problem.loss(r1.matrices(), r2.matrices() if r2 is not None else None,
+                                                        clips=clips))
     else:
         result.objective_after = result.objective_before
     result.after = _exact(problem, result.r1, result.r2)
+    if clips is not None:
+        result.clips = {k: v.detach().clone() for k, v in clips.items()}
+        result.clipped_after = _exact(problem, result.r1, result.r2, result.clips)
     result.steps = steps
     result.seconds = time.perf_counter() - start
     return result
 
 
 @torch.enable_grad()  # callers (llm-compressor's hooks) may run under no_grad
-def _learn_steps(problem, r1, r2, params, steps, lr, progress) -> None:
+def _learn_steps(problem, r1, r2, params, steps, lr, progress, clips=None, clip_floor=0.5) -> None:
     optimizer = torch.optim.Adam(params, lr=lr)
+    clip_optimizer = torch.optim.Adam(list(clips.values()), lr=lr) if clips else None
     bar = tqdm(range(steps), desc="FRTQ learning rotations", disable=not progress, leave=False)
     for _ in bar:
         optimizer.zero_grad(set_to_none=True)
-        loss = problem.loss(r1.matrices(), r2.matrices() if r2 is not None else None)
+        fixed = {k: v.detach() for k, v in clips.items()} if clips else None
+        loss = problem.loss(r1.matrices(), r2.matrices() if r2 is not None else None, clips=fixed)
         loss.backward()
         optimizer.step()
+        if clip_optimizer is not None:
+            clip_optimizer.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                m1, m2 = r1.matrices(), r2.matrices() if r2 is not None else None
+            problem.loss(m1, m2, clips=clips).backward()
+            clip_optimizer.step()
+            with torch.no_grad():
+                for value in clips.values():
+                    value.clamp_(clip_floor, 1.0)
         bar.set_postfix(objective=f"{loss.item():.4f}")

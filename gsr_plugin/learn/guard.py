@@ -26,57 +26,65 @@ from gsr_plugin.learn.frtq import FRTQProblem, Grid
 from gsr_plugin.learn.objectives import rounding_error
 from gsr_plugin.learn.orthogonal import rotate_inputs, rotate_output_blocks
 
-__all__ = ["GuardDecision", "quantized_output_error", "layer_errors", "guard"]
+__all__ = ["GuardDecision", "quantized_output_error", "layer_errors", "guard", "guard_clips"]
 
 
-def _quantize(x: Tensor, grid: Grid | None, per_row: bool = False) -> Tensor:
+def _quantize(x: Tensor, grid: Grid | None, per_row: bool = False, clip: float = 1.0) -> Tensor:
     if grid is None:
         return x
     group = None if per_row else grid.group_size
     if group is not None and x.shape[-1] % group:
         group = None
-    return x + rounding_error(x, grid.bits, grid.symmetric, group)
+    return x + rounding_error(x, grid.bits, grid.symmetric, group, clip)
 
 
-def quantized_output_error(x: Tensor, w: Tensor, activation_grid: Grid | None, weight_grid: Grid | None) -> float:
-    """``||Q_a(x) Q_w(w)^T - x w^T||^2 / ||x w^T||^2`` (activations: one scale per token)."""
+def quantized_output_error(
+    x: Tensor, w: Tensor, activation_grid: Grid | None, weight_grid: Grid | None, clip: float = 1.0
+) -> float:
+    """``||Q_a(x) Q_w(w)^T - x w^T||^2 / ||x w^T||^2`` (activations: one scale per token,
+    its range times ``clip``)."""
     x, w = x.double(), w.double()
     exact = x @ w.T
-    quantized = _quantize(x, activation_grid, per_row=True) @ _quantize(w, weight_grid).T
+    quantized = _quantize(x, activation_grid, per_row=True, clip=clip) @ _quantize(w, weight_grid).T
     return float((quantized - exact).pow(2).sum() / exact.pow(2).sum().clamp_min(1e-30))
 
 
-def layer_errors(problem: FRTQProblem, r1: Tensor, r2: Tensor | None) -> list[dict[str, float]]:
+def layer_errors(
+    problem: FRTQProblem, r1: Tensor, r2: Tensor | None, clips: dict[str, Tensor] | None = None
+) -> list[dict[str, float]]:
     """Per layer, the quantized output error of each kind of linear under ``r1``
     (``(m, k, k)`` blocks) and ``r2`` (``(layers, head_dim, head_dim)`` or None), on
     the problem's tokens (``stream``: ``2 layers`` equal runs of tokens, the attention
-    and MLP inputs of each layer in turn; ``o_inputs``)."""
+    and MLP inputs of each layer in turn; ``o_inputs``), with the activation ``clips``
+    (``{"stream": (2 layers,), "o": (layers,)}``) where given."""
     a, w = problem.activation_grid, problem.weight_grid
     layers = len(problem.layers)
     if problem.stream is None or not layers:
         raise ValueError("the guard needs held-out tokens and the sampled weights of every layer")
     per = problem.stream.shape[0] // (2 * layers)
     out = []
+    clip = lambda kind, index: float(clips[kind][index]) if clips and kind in clips else 1.0  # noqa: E731
     for l, lw in enumerate(problem.layers):
+        attention_clip, mlp_clip = clip("stream", 2 * l), clip("stream", 2 * l + 1)
         attention_in = rotate_inputs(problem.stream[2 * l * per:(2 * l + 1) * per].double(), r1)
         mlp_in = rotate_inputs(problem.stream[(2 * l + 1) * per:(2 * l + 2) * per].double(), r1)
         readers = rotate_inputs(lw.readers.double(), r1)
         split = lw.attention_readers if lw.attention_readers is not None else 0
         errors = {}
         if split:
-            errors["attention_readers"] = quantized_output_error(attention_in, readers[:split], a, w)
-        errors["mlp_readers"] = quantized_output_error(mlp_in, readers[split:], a, w)
+            errors["attention_readers"] = quantized_output_error(attention_in, readers[:split], a, w, attention_clip)
+        errors["mlp_readers"] = quantized_output_error(mlp_in, readers[split:], a, w, mlp_clip)
         v = lw.v.double()
         if r2 is not None:
             v = rotate_output_blocks(v, r2[l].double().expand(v.shape[0] // r2.shape[-1], -1, -1))
-        errors["v_proj"] = quantized_output_error(attention_in, rotate_inputs(v, r1), a, w)
+        errors["v_proj"] = quantized_output_error(attention_in, rotate_inputs(v, r1), a, w, attention_clip)
         o = rotate_output_blocks(lw.o.double(), r1[lw.o_blocks])
         if problem.o_inputs:
             x = problem.o_inputs[l].double()
             if r2 is not None:
                 x = x @ r2[l].double()
                 o = rotate_inputs(o, r2[l].double().expand(o.shape[-1] // r2.shape[-1], -1, -1))
-            errors["o_proj"] = quantized_output_error(x.reshape(x.shape[0], -1), o, a, w)
+            errors["o_proj"] = quantized_output_error(x.reshape(x.shape[0], -1), o, a, w, clip("o", l))
         down = rotate_output_blocks(lw.down.double(), r1[lw.down_blocks])
         errors["down_proj_weight"] = float(
             (_quantize(down, w) - down).pow(2).sum() / down.pow(2).sum().clamp_min(1e-30)
@@ -149,3 +157,33 @@ def guard(
         chosen.append(r2_learned[l] if keep else r2_init[l])
     decision.r2 = torch.stack(chosen)
     return decision
+
+
+# which linears' errors each learned clip changes
+_CLIP_KINDS = {("stream", 0): ("attention_readers", "v_proj"), ("stream", 1): ("mlp_readers",), ("o", 0): ("o_proj",)}
+
+
+@torch.no_grad()
+def guard_clips(
+    held_out: FRTQProblem, r1: Tensor, r2: Tensor | None, clips: dict[str, Tensor]
+) -> tuple[dict[str, Tensor], dict]:
+    """Each learned clip kept only where the linears it feeds quantize held-out tokens
+    better with it than without (ratio 1); returns the kept clips (1 elsewhere) and a
+    record ``{"kept": n, "of": m}``."""
+    without = layer_errors(held_out, r1, r2)
+    with_clip = layer_errors(held_out, r1, r2, clips)
+    kept = {kind: values.clone() for kind, values in clips.items()}
+    count = total = 0
+    for kind, values in kept.items():
+        for index in range(values.shape[0]):
+            layer, position = (index // 2, index % 2) if kind == "stream" else (index, 0)
+            keys = _CLIP_KINDS[(kind, position)]
+            if not all(k in without[layer] for k in keys):
+                continue
+            total += 1
+            better = sum(with_clip[layer][k] for k in keys) < sum(without[layer][k] for k in keys)
+            if better:
+                count += 1
+            else:
+                values[index] = 1.0
+    return kept, {"clips_kept": count, "clips": total}

@@ -31,7 +31,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-__all__ = ["SmoothMax", "grid_to_std_ratio", "smooth_max", "rounding_error", "relative_rounding_error"]
+__all__ = ["SmoothMax", "grid_to_std_ratio", "clipped_ratio", "smooth_max", "rounding_error", "relative_rounding_error"]
 
 SmoothMax = Literal["exact", "logsumexp", "pnorm"]
 
@@ -84,17 +84,56 @@ def grid_to_std_ratio(
     return span / levels
 
 
-def rounding_error(x: Tensor, bits: int, symmetric: bool = True, group_size: int | None = None) -> Tensor:
+def clipped_ratio(
+    x: Tensor,
+    bits: int,
+    symmetric: bool,
+    clip: Tensor | float,
+    smooth: SmoothMax = "exact",
+    sharpness: float = 8.0,
+) -> Tensor:
+    """The grid-to-std ratio of each row of ``x`` (one scale per row) when its range
+    is clipped to ``c [min, max]`` (``clip``: a number or a tensor broadcasting against
+    ``x``'s rows), with the clipping error counted in::
+
+        rho_c = sqrt((c rho)^2 + 12 mean(excess^2) / var(x))
+
+    where ``excess`` is how far each value lies beyond the clipped range. The rounding
+    error of the clipped grid is about ``(c rho std)^2 / 12`` per value, so ``rho_c /
+    sqrt(12)`` is the relative error of the whole quantizer; ``c = 1`` gives ``rho``.
+    ``rho`` alone would reward clipping everything. Ranges are taken about zero, as
+    compressed-tensors' quantizers take them (``min <= 0 <= max``)."""
+    levels = 2**bits - 1
+    mean = x.mean(dim=-1, keepdim=True)
+    std = (x - mean).pow(2).mean(dim=-1, keepdim=True).sqrt().clamp_min(_EPS)
+    u = x / std
+    clip = torch.as_tensor(clip, dtype=u.dtype, device=u.device)
+    clip = clip.reshape(*clip.shape, *([1] * (u.dim() - clip.dim()))) if clip.dim() else clip
+    if symmetric:
+        high = smooth_max(u.abs(), smooth, sharpness).clamp_min(0)[..., None]
+        low = high
+    else:
+        high = smooth_max(u, smooth, sharpness).clamp_min(0)[..., None]
+        low = smooth_max(-u, smooth, sharpness).clamp_min(0)[..., None]
+    ratio = clip * (high + low) / levels
+    excess = torch.relu(u - clip * high) + torch.relu(-u - clip * low)
+    return (ratio.pow(2) + 12 * excess.pow(2).mean(dim=-1, keepdim=True)).sqrt()[..., 0]
+
+
+def rounding_error(
+    x: Tensor, bits: int, symmetric: bool = True, group_size: int | None = None, clip: Tensor | float = 1.0
+) -> Tensor:
     """``Q(x) - x`` for round-to-nearest on the grid of ``grid_to_std_ratio`` (scale
-    from the exact max; asymmetric with a zero point), same shape as ``x``."""
+    from the exact max, times ``clip``; asymmetric with a zero point), same shape as
+    ``x``; values beyond the clipped grid saturate."""
     width = group_size or x.shape[-1]
     rows = x.reshape(*x.shape[:-1], x.shape[-1] // width, width)
     levels = 2**bits - 1
     if symmetric:
-        step = (2 * rows.abs().amax(-1, keepdim=True) / levels).clamp_min(_EPS)
+        step = (clip * 2 * rows.abs().amax(-1, keepdim=True) / levels).clamp_min(_EPS)
         q = torch.round(rows / step).clamp(-(levels + 1) // 2, levels // 2) * step
     else:
-        low, high = rows.amin(-1, keepdim=True), rows.amax(-1, keepdim=True)
+        low, high = clip * rows.amin(-1, keepdim=True), clip * rows.amax(-1, keepdim=True)
         step = ((high - low) / levels).clamp_min(_EPS)
         q = torch.round((rows - low) / step).clamp(0, levels) * step + low
     return (q - rows).reshape(x.shape)

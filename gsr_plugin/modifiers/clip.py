@@ -3,17 +3,13 @@ searched on the calibration set."""
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import torch
 from compressed_tensors.utils import getattr_chain, match_named_modules
 from llmcompressor.core import Event, State
 from llmcompressor.modifiers import Modifier
 from pydantic import Field, PrivateAttr, field_validator
 
-from gsr_plugin.quantizers import CLIP_DIR, CLIP_FILE, INPUT_CLIP_ATTR, clip_error
-from gsr_plugin.saving import write_beside_checkpoint
+from gsr_plugin.quantizers import INPUT_CLIP_ATTR, clip_error, save_activation_clips_with
 
 __all__ = ["ActivationClipModifier"]
 
@@ -67,7 +63,7 @@ class ActivationClipModifier(Modifier):
                 "ActivationClipModifier found no linear with dynamic input_activations: put it after the "
                 "quantization modifier of a recipe that quantizes activations (e.g. W4A4)"
             )
-        write_beside_checkpoint(state.model, "activation_clips", self._write)
+        save_activation_clips_with(state.model)
 
     def _accumulate(self, name: str):
         @torch.no_grad()
@@ -104,8 +100,3 @@ class ActivationClipModifier(Modifier):
     def chosen(self) -> dict[str, float]:
         """module name -> the searched ratio"""
         return dict(self._chosen)
-
-    def _write(self, directory: Path):
-        folder = directory / CLIP_DIR
-        folder.mkdir(exist_ok=True)
-        (folder / CLIP_FILE).write_text(json.dumps(self._chosen, indent=1, sort_keys=True) + "\n")

@@ -26,10 +26,12 @@ from compressed_tensors.transform import TransformFactory, TransformScheme
 from loguru import logger
 from pydantic import Field, PrivateAttr, field_validator, model_validator
 
-from gsr_plugin.calibration import frtq_problem
+from gsr_plugin.calibration import frtq_problem, layer_modules
 from gsr_plugin.learn.frtq import Grid, LearnResult, initial_blocks, learn_rotations
 from gsr_plugin.learn.guard import guard as guard_rotations
+from gsr_plugin.learn.guard import guard_clips
 from gsr_plugin.modifiers.gsr import GSRModifier
+from gsr_plugin.quantizers import INPUT_CLIP_ATTR, save_activation_clips_with
 from gsr_plugin.rotation import head_dim_of
 from gsr_plugin.saving import write_beside_checkpoint
 from gsr_plugin.session import following_quantizer_args, is_float_format
@@ -88,6 +90,14 @@ class FRTQModifier(GSRModifier):
         error of the linears it changes; R1 once, R2 per layer); the decision and the
         errors go to ``learned["guard"]``. Needs oneshot's dataset (skipped, with a
         warning, without one)
+    :param learn_clip: also learn a clip ratio for each activation input the rotations
+        change (each layer's attention input, MLP input and o_proj input), in
+        alternating updates with R1/R2 on the clipped objective (the clipped grid's
+        ratio plus the clipping error; ``learn.objectives.clipped_ratio``). The ratios
+        go to the linears that read those inputs (``input_clip_ratio``, saved in
+        ``clip/``); with ``guard``, each is kept only where it lowers the held-out error.
+        Needs quantized activations (one scale per token)
+    :param clip_floor: the smallest clip ratio learned
     :param holdout_tokens: held-out tokens per rotated input of each layer, drawn from
         positions the learning sample left (the learning sample is unchanged)
     :param rotations_from: a directory holding ``frtq/rotations.safetensors`` (a
@@ -111,6 +121,8 @@ class FRTQModifier(GSRModifier):
     weight_symmetric: bool | None = Field(default=None)
     activation_bits: int | None = Field(default=None, ge=1, le=16)
     guard: bool = Field(default=True)
+    learn_clip: bool = Field(default=False)
+    clip_floor: float = Field(default=0.5, gt=0, lt=1)
     holdout_tokens: int = Field(default=128, ge=1)
     rotations_from: str | None = Field(default=None)
     learned: dict | None = Field(default=None)
@@ -160,6 +172,14 @@ class FRTQModifier(GSRModifier):
             raise ValueError(
                 "FRTQModifier has nothing to minimize: weight_factor is 0 and the recipe "
                 "quantizes no activations (or activation_factor is 0)"
+            )
+        if self.learn_clip and self.rotations_from is None and (
+            self._activation_grid is None or self._activation_grid.group_size is not None or self.steps == 0
+        ):
+            raise ValueError(
+                "FRTQModifier learn_clip learns the clip of quantized activations (one scale per token) while it "
+                "learns the rotations: use it with a recipe that quantizes activations (e.g. W4A4) and steps > 0, "
+                "or drop learn_clip"
             )
         groups = self._transform_config.config_groups
         for name in self.learned_rotations:
@@ -287,7 +307,8 @@ class FRTQModifier(GSRModifier):
         held_out = None
         if guarding:
             problem, held_out = problem
-        result = learn_rotations(problem, r1_init, r2_init, self.steps, self.lr)
+        result = learn_rotations(problem, r1_init, r2_init, self.steps, self.lr,
+                                 learn_clip=self.learn_clip, clip_floor=self.clip_floor)
         if held_out is not None:
             decision = guard_rotations(held_out, r1_init, result.r1, r2_init, result.r2)
             result.r1, result.r2 = decision.r1, decision.r2
@@ -297,11 +318,39 @@ class FRTQModifier(GSRModifier):
                 f"learned {decision.r1_error['learned']:.5f}); R2 learned in "
                 f"{len(self._guarded['R2_learned_layers'])} of {self._guarded['R2_layers']} layers"
             )
+            if result.clips is not None:
+                result.clips, kept = guard_clips(held_out, result.r1, result.r2, result.clips)
+                self._guarded |= kept
+                logger.info(f"FRTQ guard: {kept['clips_kept']} of {kept['clips']} learned clips kept")
+        if result.clips is not None:
+            self._put_clips(model, result.clips)
         return result
+
+    def _put_clips(self, model: torch.nn.Module, clips: dict[str, torch.Tensor]) -> None:
+        """Each learned ratio onto the linears that read its input (stream run ``2 l``:
+        layer ``l``'s q/k/v; ``2 l + 1``: its MLP inputs; ``o[l]``: its o_proj)."""
+        layers = layer_modules(model, self._mapping)
+        for l, modules in enumerate(layers):
+            readers = {"stream": [(2 * l, [modules["q"], modules["k"], modules["v"]]),
+                                  (2 * l + 1, list(modules["mlp_in"]))],
+                       "o": [(l, [modules["o"]])]}
+            for kind, entries in readers.items():
+                if kind not in clips:
+                    continue
+                for index, targets in entries:
+                    ratio = float(clips[kind][index])
+                    for module in targets:
+                        if ratio < 1.0:
+                            setattr(module, INPUT_CLIP_ATTR, ratio)
+        save_activation_clips_with(model)
 
 
 def _record(result: LearnResult) -> dict:
-    return {
+    clips = {} if result.clips is None else {
+        "clips": {k: [round(float(c), 4) for c in v] for k, v in result.clips.items()},
+        "clipped_ratios_after": {k: round(v, 6) for k, v in result.clipped_after.items()},
+    }
+    return clips | {
         "objective_before": round(result.objective_before, 6),
         "objective_after": round(result.objective_after, 6),
         "ratios_before": {k: round(v, 6) for k, v in result.before.items()},

@@ -1,6 +1,7 @@
 """gsr_plugin.learn.frtq: the objective's terms against direct computations, and the
 solver: exact at zero steps, lower objective after learning, deterministic."""
 
+import pytest
 import torch
 
 from gsr_plugin.learn.frtq import FRTQProblem, Grid, LayerWeights, learn_rotations
@@ -93,3 +94,25 @@ def test_learning_leaves_the_global_rng_alone():
     state = torch.random.get_rng_state()
     learn_rotations(problem(), walsh_blocks(D // K, K), None, steps=2, progress=False)
     assert torch.equal(torch.random.get_rng_state(), state)
+
+
+def test_learning_the_clip_lowers_the_clipped_objective_and_keeps_ratios_in_range():
+    """Stream of 2 layers x 2 inputs (4 equal runs of 75 tokens) with outlier channels:
+    the learned clips leave 1 where a clip pays, stay within [floor, 1], and the
+    clipped objective ends below both the start and the rotations learned alone."""
+    from gsr_plugin.learn.frtq import initial_clips
+
+    p = problem()
+    p.stream_runs = 4
+    r1, r2 = walsh_blocks(D // K, K), walsh_blocks(2, HEAD_DIM)
+    both = learn_rotations(p, r1, r2, steps=40, lr=0.05, progress=False, learn_clip=True, clip_floor=0.6)
+    alone = learn_rotations(p, r1, r2, steps=40, lr=0.05, progress=False)
+    assert set(both.clips) == {"stream", "o"} and both.clips["stream"].shape == (4,) and both.clips["o"].shape == (2,)
+    values = torch.cat(list(both.clips.values()))
+    assert (values >= 0.6).all() and (values <= 1).all() and (values < 0.99).any()
+    assert both.objective_after < both.objective_before
+    ones = initial_clips(p)
+    assert p.loss(both.r1.float(), both.r2.float(), "exact", both.clips).item() < p.loss(
+        alone.r1.float(), alone.r2.float(), "exact", ones).item()
+    with pytest.raises(ValueError, match="equal runs"):
+        learn_rotations(problem(), r1, r2, steps=1, progress=False, learn_clip=True)

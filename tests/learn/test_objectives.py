@@ -70,3 +70,29 @@ def test_rounding_error_follows_the_ratio():
 def test_group_size_must_divide():
     with pytest.raises(ValueError, match="does not divide"):
         grid_to_std_ratio(torch.randn(2, 100), 4, group_size=64)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_clipped_ratio_is_the_clipped_grid_plus_the_clipping_error(symmetric):
+    """At c = 1 it is rho; below, the grid shrinks by c and the values beyond the
+    clipped range add 12 mean(excess^2) / var, written out with numpy."""
+    x = torch.randn(5, 64, generator=torch.Generator().manual_seed(0)).double()
+    x[:, 7] *= 9
+    from gsr_plugin.learn.objectives import clipped_ratio
+
+    assert torch.allclose(clipped_ratio(x, 4, symmetric, 1.0), grid_to_std_ratio(x, 4, symmetric), atol=1e-12)
+    c = 0.7
+    a = x.numpy()
+    std = a.std(-1, keepdims=True)
+    u = a / std
+    if symmetric:
+        high = np.abs(u).max(-1, keepdims=True)
+        low = high
+    else:
+        high, low = np.maximum(u.max(-1, keepdims=True), 0), np.maximum(-u.min(-1, keepdims=True), 0)
+    excess = np.maximum(u - c * high, 0) + np.maximum(-u - c * low, 0)
+    expected = np.sqrt((c * (high + low) / 15) ** 2 + 12 * (excess**2).mean(-1, keepdims=True))[:, 0]
+    assert np.allclose(clipped_ratio(x, 4, symmetric, c).numpy(), expected, atol=1e-12)
+    # per-row clips broadcast over the rows of a batch of runs
+    runs = clipped_ratio(x.reshape(1, 5, 64).expand(2, 5, 64), 4, symmetric, torch.tensor([1.0, c]))
+    assert torch.allclose(runs[1], torch.from_numpy(expected)) and torch.allclose(runs[0], grid_to_std_ratio(x, 4, symmetric))

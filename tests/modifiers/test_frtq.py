@@ -228,3 +228,36 @@ def test_rotations_from_a_model_of_another_width_are_refused_with_both_shapes(lo
             r"R1 has shape \(4, 16, 16\), and this model needs \(8, 16, 16\)")
     refused(load_tiny("llama"), [FRTQModifier(rotations_from=str(tmp_path), block_size=16, weight_bits=3, rotations=["R2"])],
             r"R2 has shape none .*needs \(2, 32, 32\)")
+
+
+def test_learned_clips_go_to_the_linears_that_read_each_input(load_tiny, calibration, tokens, tmp_path):
+    """learn_clip: one ratio per layer input, put on the linears reading it (those the
+    guard kept), saved beside the checkpoint; the float function is untouched."""
+    from gsr_plugin.quantizers import CLIP_DIR, CLIP_FILE
+
+    reference = logits(load_tiny("llama"), tokens)
+    modifier = FRTQModifier(steps=20, lr=0.05, learn_clip=True, clip_floor=0.6, **GRID)
+    model = run(load_tiny("llama"), [modifier], calibration)
+    assert relative_error(logits(model, tokens), reference) < FLOAT64_MODEL_FLOOR
+    clips = modifier.learned["clips"]
+    assert len(clips["stream"]) == 4 and len(clips["o"]) == 2
+    guard = modifier.learned["guard"]
+    assert guard["clips"] == 6 and 0 < guard["clips_kept"]
+    for l in range(2):
+        layer = model.model.layers[l]
+        for ratio, readers in ((clips["stream"][2 * l], [layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj]),
+                               (clips["stream"][2 * l + 1], [layer.mlp.gate_proj, layer.mlp.up_proj]),
+                               (clips["o"][l], [layer.self_attn.o_proj])):
+            for module in readers:
+                assert getattr(module, "input_clip_ratio", 1.0) == pytest.approx(ratio, abs=1e-4)
+        assert not hasattr(layer.mlp.down_proj, "input_clip_ratio")
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / CLIP_DIR / CLIP_FILE).read_text())
+    assert saved and all(0.6 <= r < 1 for r in saved.values())
+    assert saved == {n: m.input_clip_ratio for n, m in model.named_modules() if hasattr(m, "input_clip_ratio")}
+
+
+def test_learn_clip_without_quantized_activations_is_refused(load_tiny, calibration):
+    grid = {**GRID, "activation_bits": 16}
+    refused(load_tiny("llama"), [FRTQModifier(steps=3, learn_clip=True, **grid)], "learn_clip learns the clip",
+            calibration=calibration)
