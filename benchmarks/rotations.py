@@ -33,7 +33,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from gsr_plugin.cli.compare import run_settings
+from gsr_plugin.cli.compare import run_key, run_settings
 from gsr_plugin.recipes import METHODS, RecipeSetting
 
 # the issue's list: no rotation; full-width random orthogonal; natural-order Hadamard
@@ -468,9 +468,43 @@ TABLES = {
 }
 
 
+# suites run over several calibration draws: suite -> the suite holding its draw 0
+DRAWS = {"a4_draws": "a4"}
+
+
+def draws_table(out: Path, suite: str, first: str) -> str | None:
+    """Mean and spread over the calibration draws of each run of ``suite`` (draw 0 in
+    ``<first>.json``, draw N in ``<suite>-seed<N>.json``); None when no draw beyond 0
+    exists. Spread: (max - min) / mean."""
+    reports = {0: out / f"{first}.json", **{int(p.stem.rsplit("seed", 1)[1]): p for p in out.glob(f"{suite}-seed*.json")}}
+    if len(reports) < 2:
+        return None
+    by_draw = {seed: {r["recipe"]: r for r in json.loads(p.read_text())["runs"]} for seed, p in sorted(reports.items())
+               if p.is_file()}
+    fp = json.loads(reports[0].read_text())["fp"]["ppl"]
+    seeds = sorted(by_draw)
+    lines = [f"| run | {' | '.join(f'draw {s}' for s in seeds)} | mean | / float | spread |",
+             "|---|" + "---|" * (len(seeds) + 3)]
+    for setting in SUITES[suite]():
+        key = run_key(setting)
+        values = [by_draw[s][key]["ppl"] if key in by_draw[s] else None for s in seeds]
+        found = [v for v in values if v is not None]
+        if not found:
+            continue
+        mean = sum(found) / len(found)
+        cells = [f"{v:.2f}" if v is not None else "" for v in values]
+        spread = f"{100 * (max(found) - min(found)) / mean:.1f}%" if len(found) > 1 else ""
+        lines.append(f"| {key} | {' | '.join(cells)} | {mean:.2f} | {mean / fp:.2f}x | {spread} |")
+    return "\n".join(lines)
+
+
 def tables(out: Path) -> str:
     """tables.md (and the plots) from every suite's saved report in ``out``."""
     parts = []
+    for suite, first in DRAWS.items():
+        table_text = draws_table(out, suite, first)
+        if table_text:
+            parts += [f"## {suite}: mean and spread over calibration draws", "", table_text, ""]
     for suite, (heading, render, plot) in TABLES.items():
         path = out / f"{suite}.json"
         if not path.is_file():

@@ -103,3 +103,17 @@ def test_cost_at_scale_on_cuts_extrapolates_both_sides_in_depth(monkeypatch):
     assert "1- and 2-layer cuts, extrapolated to 6 layers" in row["gptq"]
     text = cost.tables({"command": "c", "threads": 1, "transform": [], "online_r4": [], "scale": [{**row, "command": "c"}]})
     assert "| tiny |" in text and "(2-layer cut)" in text
+
+
+def test_draws_table_gives_mean_and_spread_over_draws(rotations, tmp_path):
+    first, second = rotations.a4_draws_suite()[:2]
+    keys = [rotations.run_key(first), rotations.run_key(second)]
+    protocol = {"fp": {"ppl": 20.0}}
+    (tmp_path / "a4.json").write_text(json.dumps({**protocol, "runs": [{"recipe": keys[0], "ppl": 50.0}]}))
+    assert rotations.draws_table(tmp_path, "a4_draws", "a4") is None  # one draw: no spread to give
+    (tmp_path / "a4_draws-seed1.json").write_text(json.dumps({**protocol, "runs": [{"recipe": keys[0], "ppl": 60.0},
+                                                                                   {"recipe": keys[1], "ppl": 70.0}]}))
+    table = rotations.draws_table(tmp_path, "a4_draws", "a4")
+    row = next(line for line in table.splitlines() if line.startswith(f"| {keys[0]} "))
+    assert "| 50.00 | 60.00 | 55.00 | 2.75x | 18.2% |" in row
+    assert f"| {keys[1]} |  | 70.00 | 70.00 | 3.50x |  |" in table
