@@ -16,6 +16,7 @@ suite); ``tables`` turns them into Markdown and plots.
     python benchmarks/rotations.py fp4 --out docs/results           # NVFP4A16, MXFP4A16, NVFP4, MXFP4 after the rotations
     python benchmarks/rotations.py a4 --out docs/results            # W4A4KV4 decomposed: KV quantizer, R3, activations
     python benchmarks/rotations.py a4_draws --seed 1 --out docs/results  # its close rows, more calibration draws
+    python benchmarks/rotations.py sweep --seed 1 --out docs/results  # FRTQ vs GSR over draws 0, 1, 2
     python benchmarks/rotations.py tables --out docs/results
 
 Suites list their runs in priority order; ``--limit N`` runs the first N.
@@ -250,12 +251,27 @@ def a4_draws_suite() -> list[RecipeSetting]:
             RecipeSetting("gsr", 4, 64, **published)]
 
 
+def sweep_suite() -> list[RecipeSetting]:
+    """FRTQ's generalization, for three calibration draws (``--seed 0``, ``1``, ``2``):
+    W3A16 g64 with every rotation FRTQ is compared with (natural order, FRTQ from a
+    random start, GSR after FRTQ), W4A16 per channel, and the W4A4KV4 protocol with
+    the clips; FRTQ with its guard."""
+    w3, ch = dict(symmetric=False), dict(symmetric=False)
+    a4 = dict(symmetric=False, activation_bits=4, kv_bits=4, kv_dynamic=True, online_r3=True, online_r4=True,
+              activation_clip=0.9, kv_clip=0.95)
+    return (
+        [RecipeSetting(m, 3, 64, **w3) for m in ("gsr", "frtq", "none", "natural", "frtq_random", "frtq_gsr")]
+        + [RecipeSetting(m, 4, None, **ch) for m in ("gsr", "frtq", "none")]
+        + [RecipeSetting(m, 4, 64, **a4) for m in ("gsr", "frtq")]
+    )
+
+
 SUITES = {"main": main_suite, "online": online_suite, "bits": bits_suite, "blocks": blocks_suite,
           "activations": activations_suite, "frtq": frtq_suite, "frtq_more": frtq_more_suite,
           "lowrank": lowrank_suite, "engines": engines_suite, "fp4": fp4_suite, "a4": a4_suite,
-          "a4_draws": a4_draws_suite}
+          "a4_draws": a4_draws_suite, "sweep": sweep_suite}
 WINDOWS = {"main": None, "online": 20, "bits": 20, "blocks": 20, "activations": 20, "frtq": None, "frtq_more": 20,
-           "lowrank": 10, "engines": 10, "fp4": 20, "a4": 20, "a4_draws": 20}
+           "lowrank": 10, "engines": 10, "fp4": 20, "a4": 20, "a4_draws": 20, "sweep": 20}
 ENGINES = {"engines": ["llmcompressor", "optimum"]}
 
 
@@ -469,7 +485,7 @@ TABLES = {
 
 
 # suites run over several calibration draws: suite -> the suite holding its draw 0
-DRAWS = {"a4_draws": "a4"}
+DRAWS = {"a4_draws": "a4", "sweep": "sweep"}
 
 
 def draws_table(out: Path, suite: str, first: str) -> str | None:
