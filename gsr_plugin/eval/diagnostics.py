@@ -323,7 +323,26 @@ def tables(report: dict) -> str:
                 value = after.get(key, {}).get(kind)
                 row += [fmt.format(value), f"{100 * (value / before - 1):+.1f}%"] if value is not None else ["-", "-"]
         lines.append("| " + " | ".join(row) + " |")
+    for learned in report.get("learned") or []:
+        lines += _guard_lines(learned.get("guard"))
     return "\n".join(lines) + "\n"
+
+
+def _guard_lines(guard: dict | None) -> list[str]:
+    """FRTQ's guard as a table: the held-out quantized output error of the
+    initialization and of the learned matrix, per rotation, and what was kept."""
+    if not guard:
+        return []
+    lines = ["", "FRTQ guard: held-out quantized output error (initialization, learned), and what was kept", "",
+             "| rotation | init | learned | kept |", "|---|---|---|---|",
+             f"| R1 | {guard['R1_error']['init']:.5f} | {guard['R1_error']['learned']:.5f} | {guard['R1']} |"]
+    learned_layers = set(guard.get("R2_learned_layers", []))
+    for layer, errors in enumerate(guard.get("R2_error", [])):
+        kept = "learned" if layer in learned_layers else "init"
+        lines.append(f"| R2 layer {layer} | {errors['init']:.5f} | {errors['learned']:.5f} | {kept} |")
+    if "clips" in guard:
+        lines.append(f"| learned clips | | | {guard['clips_kept']} of {guard['clips']} |")
+    return lines
 
 
 def plot(report: dict, path: Path) -> None:

@@ -165,3 +165,17 @@ def test_block_size_replaces_the_rotation_block_and_refuses_what_it_cannot_set(c
         rotation_part("none_nvfp4a16_rtn", block_size=16)
     assert main(["diagnose", "default", "--block-size", "16"]) == 2  # no recipe: refused before loading
     assert "pass --recipe too" in capsys.readouterr().err
+
+
+def test_the_table_shows_frtqs_guard_per_rotation():
+    from gsr_plugin.eval.diagnostics import tables
+
+    measured = {"input_rho": {"q_proj": 1.0}}
+    guard = {"R1": "init", "R1_error": {"init": 0.01, "learned": 0.02}, "R2_learned_layers": [1],
+             "R2_layers": 2, "R2_error": [{"init": 0.03, "learned": 0.04}, {"init": 0.05, "learned": 0.01}]}
+    report = {"model": "m", "recipe": "r", "rotations": ["FRTQModifier"], "inputs": "x", "activation_bits": 4,
+              "weight_grid": {"bits": 4, "symmetric": False, "group_size": 64}, "before": measured, "after": measured,
+              "learned": [{"steps": 5, "guard": guard}]}
+    text = tables(report)
+    assert "| R1 | 0.01000 | 0.02000 | init |" in text
+    assert "| R2 layer 0 | 0.03000 | 0.04000 | init |" in text and "| R2 layer 1 | 0.05000 | 0.01000 | learned |" in text
