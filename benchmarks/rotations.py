@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import shlex
 import sys
 from pathlib import Path
@@ -419,7 +420,20 @@ def _a4_column(run: dict) -> str:
 def _a4_row(run: dict) -> str:
     online = [r for r, flag in (("R3", run.get("online_r3")), ("R4", run.get("online_r4"))) if flag]
     mse = ", MSE weight scales" if run.get("weight_observer") == "mse" else ""
-    clip = run.get("activation_clip")
+    recipe = run["recipe"]  # older reports lack the clip fields: read them off the name
+    named = re.search(r"_aclip(search|learn|\d+)", recipe)
+    clip = run.get("activation_clip", None if named is None else named.group(1))
+    if isinstance(clip, str) and clip.isdigit():
+        clip = int(clip) / 100
+    kv_clip = re.search(r"_kvclip(\d+)", recipe)
+    if kv_clip and run.get("kv_clip") is None:
+        run = {**run, "kv_clip": int(kv_clip.group(1)) / 100}
+    sink = re.search(r"_sink(\d+)", recipe)
+    if sink and not run.get("sink_tokens"):
+        run = {**run, "sink_tokens": int(sink.group(1))}
+    block = re.search(r"_b(\d+)$", recipe)
+    if block:
+        mse += f", R1 blocks of {block.group(1)}"
     if clip is not None:
         mse += ", activation clip " + ("searched" if clip == "search" else f"{clip}")
     if run.get("kv_clip") is not None:

@@ -135,8 +135,8 @@ def cache_activations(
     def stacked(name: str, count: int):
         # equal runs per layer input (the guard and the learned clips read the stream run by run)
         count = min([count] + [len(torch.cat(x)) for x in stream[name]])
-        if count == 0:
-            raise ValueError(f"no calibration tokens were left for FRTQ's {name} sample: pass more calibration samples")
+        if count == 0:  # every calibration token went to the learning sample
+            return None, []
         return (torch.cat([torch.cat(x)[:count] for x in stream[name]]),
                 [torch.cat(x)[:count].reshape(-1, heads, head_dim) for x in o_inputs[name]])
 
@@ -166,8 +166,9 @@ def frtq_problem(
     grid and ``calibration`` batches, sampled weights where there is a weight grid;
     ``objective``: ``FRTQProblem``'s factors, ``smooth`` and ``sharpness``.
 
-    ``holdout > 0`` (and ``calibration``): also the guard's problem, ``holdout`` other
-    tokens per layer with the same weights (activations cached even without an
+    ``holdout > 0`` (and ``calibration``): also the guard's problem (None when the
+    learning sample took every calibration token), ``holdout`` other tokens per layer
+    with the same weights (activations cached even without an
     activation grid: the guard measures the output error of weight rounding on them)."""
     layers = layer_modules(model, mapping)
     stream, o_inputs = None, []
@@ -175,7 +176,7 @@ def frtq_problem(
     if calibration is not None and (activation_grid is not None or holdout):
         cached = cache_activations(model, layers, calibration, tokens, seed, holdout)
         stream, o_inputs = cached[:2]
-        if holdout:
+        if holdout and cached[2] is not None:
             held = cached[2:]
         if activation_grid is None:  # cached for the guard only: no activation term
             stream, o_inputs = None, []
@@ -190,7 +191,9 @@ def frtq_problem(
         weight_grid=weight_grid,
         **objective,
     )
-    if held is None:
+    if not holdout:
         return problem
+    if held is None:
+        return problem, None
     return problem, FRTQProblem(stream=held[0], o_inputs=held[1], layers=weights, activation_grid=activation_grid,
                                 weight_grid=weight_grid, stream_runs=runs, **objective)

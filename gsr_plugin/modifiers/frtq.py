@@ -307,6 +307,10 @@ class FRTQModifier(GSRModifier):
         held_out = None
         if guarding:
             problem, held_out = problem
+            if held_out is None:
+                logger.warning(f"FRTQ guard skipped: the learning sample ({self.tokens} tokens per input) took every "
+                               "calibration token, none is left to check it on; pass more calibration samples "
+                               "or lower tokens")
         result = learn_rotations(problem, r1_init, r2_init, self.steps, self.lr,
                                  learn_clip=self.learn_clip, clip_floor=self.clip_floor)
         if held_out is not None:
