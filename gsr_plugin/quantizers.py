@@ -34,13 +34,14 @@ from compressed_tensors.utils import getattr_chain
 from torch import Tensor
 from torch.nn import Module
 
-__all__ = ["CLIP_RATIO", "SINK_TOKENS", "INPUT_CLIP_ATTR", "CLIP_DIR", "CLIP_FILE", "clip_ratio_of", "sink_tokens_of",
+__all__ = ["CLIP_CANDIDATES", "CLIP_RATIO", "SINK_TOKENS", "INPUT_CLIP_ATTR", "CLIP_DIR", "CLIP_FILE", "clip_ratio_of", "sink_tokens_of",
            "dynamic_qparams", "clip_error", "apply_activation_clips", "write_activation_clips",
            "save_activation_clips_with", "install"]
 
 CLIP_RATIO = "clip_ratio"
 SINK_TOKENS = "sink_tokens"
 INPUT_CLIP_ATTR = "input_clip_ratio"  # a linear's own (searched) activation clip
+CLIP_CANDIDATES = tuple(round(1.0 - 0.05 * i, 2) for i in range(11))  # 1.0 ... 0.5, the searched ratios
 CLIP_DIR = "clip"  # beside a checkpoint: the searched ratios, {module name: ratio}
 CLIP_FILE = "input_clip_ratios.json"
 

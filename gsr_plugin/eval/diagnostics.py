@@ -47,7 +47,7 @@ from tqdm import tqdm
 
 from gsr_plugin.learn.frtq import Grid
 from gsr_plugin.learn.objectives import grid_to_std_ratio, rounding_error
-from gsr_plugin.quantizers import clip_error
+from gsr_plugin.quantizers import CLIP_CANDIDATES, clip_error
 from gsr_plugin.walsh import is_power_of_two
 
 __all__ = ["LAYER_TYPES", "CLIP_GRID", "kv_errors", "measure", "diagnose", "rotation_part", "float_rounding_error", "tables", "plot"]
@@ -55,7 +55,7 @@ __all__ = ["LAYER_TYPES", "CLIP_GRID", "kv_errors", "measure", "diagnose", "rota
 LAYER_TYPES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-CLIP_GRID = tuple(round(1.0 - 0.05 * i, 2) for i in range(11))
+CLIP_GRID = CLIP_CANDIDATES  # ActivationClipModifier's candidates
 KV_BITS = 4
 
 

@@ -9,7 +9,7 @@ from llmcompressor.core import Event, State
 from llmcompressor.modifiers import Modifier
 from pydantic import Field, PrivateAttr, field_validator
 
-from gsr_plugin.quantizers import INPUT_CLIP_ATTR, clip_error, save_activation_clips_with
+from gsr_plugin.quantizers import CLIP_CANDIDATES, INPUT_CLIP_ATTR, clip_error, save_activation_clips_with
 
 __all__ = ["ActivationClipModifier"]
 
@@ -33,7 +33,7 @@ class ActivationClipModifier(Modifier):
     :param ignore: modules to leave
     """
 
-    ratios: list[float] = Field(default_factory=lambda: [round(1.0 - 0.05 * i, 2) for i in range(11)])
+    ratios: list[float] = Field(default_factory=lambda: list(CLIP_CANDIDATES))
     targets: list[str] = Field(default_factory=lambda: ["Linear"])
     ignore: list[str] = Field(default_factory=lambda: ["lm_head"])
 
