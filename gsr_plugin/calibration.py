@@ -84,16 +84,17 @@ def sample_layer_weights(
 def cache_activations(
     model: torch.nn.Module, layers: list[LayerModules], batches: Iterable[dict], tokens: int, seed: int,
     holdout: int = 0,
-) -> tuple[torch.Tensor, list[torch.Tensor]] | tuple[torch.Tensor, list[torch.Tensor], torch.Tensor, list[torch.Tensor]]:
+) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor | None, list[torch.Tensor]]:
     """A seeded subsample of ``tokens`` real (unpadded) calibration tokens per layer
     at the inputs R1 rotates (q/k/v, the MLP inputs), stacked as ``(2 layers tokens,
     hidden)``, and at o_proj's input (R2), per layer ``(tokens, heads, head_dim)``,
     from forward passes of ``model`` as it is now. A shuffling dataloader (oneshot's)
     is drawn in an order set by ``seed``, not by the global RNG, which is left as it was.
 
-    ``holdout > 0`` also returns as many *other* tokens per layer, drawn from the
-    positions the first sample left (the guard's held-out set); the first sample is
-    the same as without it."""
+    Returns ``(stream, o_inputs, held_stream, held_o_inputs)``: with ``holdout > 0`` the
+    last two hold as many *other* tokens per layer, drawn from the positions the first
+    sample left (the guard's held-out set; the first sample is the same as without
+    it), else ``(None, [])``, as when no token was left."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         batches = list(batches)
@@ -140,9 +141,7 @@ def cache_activations(
         return (torch.cat([torch.cat(x)[:count] for x in stream[name]]),
                 [torch.cat(x)[:count].reshape(-1, heads, head_dim) for x in o_inputs[name]])
 
-    if not holdout:
-        return stacked("learn", tokens)
-    return (*stacked("learn", tokens), *stacked("held", holdout))
+    return (*stacked("learn", tokens), *(stacked("held", holdout) if holdout else (None, [])))
 
 
 def frtq_problem(
@@ -161,23 +160,22 @@ def frtq_problem(
     seed: int = 0,
     holdout: int = 0,
     **objective,
-) -> FRTQProblem | tuple[FRTQProblem, FRTQProblem]:
+) -> tuple[FRTQProblem, FRTQProblem | None]:
     """FRTQ's problem for ``model``: cached activations where there is an activation
     grid and ``calibration`` batches, sampled weights where there is a weight grid;
     ``objective``: ``FRTQProblem``'s factors, ``smooth`` and ``sharpness``.
 
-    ``holdout > 0`` (and ``calibration``): also the guard's problem (None when the
-    learning sample took every calibration token), ``holdout`` other tokens per layer
-    with the same weights (activations cached even without an
+    Returns ``(problem, held_out)``: ``held_out`` is the guard's problem with
+    ``holdout`` other tokens per layer and the same weights, or None (``holdout`` 0,
+    no ``calibration``, or no token left by the learning sample) (activations cached even without an
     activation grid: the guard measures the output error of weight rounding on them)."""
     layers = layer_modules(model, mapping)
     stream, o_inputs = None, []
     held = None
     if calibration is not None and (activation_grid is not None or holdout):
-        cached = cache_activations(model, layers, calibration, tokens, seed, holdout)
-        stream, o_inputs = cached[:2]
-        if holdout and cached[2] is not None:
-            held = cached[2:]
+        stream, o_inputs, held_stream, held_o = cache_activations(model, layers, calibration, tokens, seed, holdout)
+        if held_stream is not None:
+            held = held_stream, held_o
         if activation_grid is None:  # cached for the guard only: no activation term
             stream, o_inputs = None, []
     weights = sample_layer_weights(layers, r1_block, weight_rows, seed, r4) if (weight_grid is not None or held) else []
@@ -191,8 +189,6 @@ def frtq_problem(
         weight_grid=weight_grid,
         **objective,
     )
-    if not holdout:
-        return problem
     if held is None:
         return problem, None
     return problem, FRTQProblem(stream=held[0], o_inputs=held[1], layers=weights, activation_grid=activation_grid,

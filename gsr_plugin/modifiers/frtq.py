@@ -294,7 +294,7 @@ class FRTQModifier(GSRModifier):
             logger.warning("FRTQ guard skipped: oneshot was given no dataset, so no held-out tokens to check "
                            "the learned rotations on (pass dataset=, or set guard: false to silence this)")
             guarding = False
-        problem = frtq_problem(
+        problem, held_out = frtq_problem(
             model, self._mapping,
             learn_r1="R1" in self.learned_rotations, learn_r2="R2" in self.learned_rotations,
             r1_block=r1_init.shape[-1], activation_grid=self._activation_grid, weight_grid=self._weight_grid,
@@ -304,13 +304,10 @@ class FRTQModifier(GSRModifier):
             activation_factor=self.activation_factor, weight_factor=self.weight_factor,
             smooth=self.smooth_max, sharpness=self.sharpness,
         )
-        held_out = None
-        if guarding:
-            problem, held_out = problem
-            if held_out is None:
-                logger.warning(f"FRTQ guard skipped: the learning sample ({self.tokens} tokens per input) took every "
-                               "calibration token, none is left to check it on; pass more calibration samples "
-                               "or lower tokens")
+        if guarding and held_out is None:
+            logger.warning(f"FRTQ guard skipped: the learning sample ({self.tokens} tokens per input) took every "
+                           "calibration token, none is left to check it on; pass more calibration samples "
+                           "or lower tokens")
         result = learn_rotations(problem, r1_init, r2_init, self.steps, self.lr,
                                  learn_clip=self.learn_clip, clip_floor=self.clip_floor)
         if held_out is not None:
