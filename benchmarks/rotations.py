@@ -245,11 +245,14 @@ def a4_suite() -> list[RecipeSetting]:
 
 def a4_draws_suite() -> list[RecipeSetting]:
     """The W4A4KV4 headline rows (GSR with the published protocol, with and without
-    the clips), for more calibration draws (``--seed 1``, ``--seed 2``; draw 0 is in
+    the clips; R1 of 576 and FRTQ with the clips), for more calibration draws (``--seed 1``, ``--seed 2``; draw 0 is in
     suite ``a4``)."""
     published = dict(symmetric=False, activation_bits=4, kv_bits=4, kv_dynamic=True, online_r3=True, online_r4=True)
-    return [RecipeSetting("gsr", 4, 64, **published, activation_clip=0.9, kv_clip=0.95),
-            RecipeSetting("gsr", 4, 64, **published)]
+    best = dict(**published, activation_clip=0.9, kv_clip=0.95)
+    return [RecipeSetting("gsr", 4, 64, **best),
+            RecipeSetting("gsr", 4, 64, **published),
+            RecipeSetting("random_hadamard_exact", 4, 64, block_size=576, **best),
+            RecipeSetting("frtq", 4, 64, **best)]
 
 
 def sweep_suite() -> list[RecipeSetting]:
