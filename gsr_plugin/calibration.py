@@ -160,22 +160,24 @@ def frtq_problem(
     seed: int = 0,
     holdout: int = 0,
     **objective,
-) -> tuple[FRTQProblem, FRTQProblem | None]:
+) -> tuple[FRTQProblem, FRTQProblem | None, FRTQProblem | None]:
     """FRTQ's problem for ``model``: cached activations where there is an activation
     grid and ``calibration`` batches, sampled weights where there is a weight grid;
     ``objective``: ``FRTQProblem``'s factors, ``smooth`` and ``sharpness``.
 
-    Returns ``(problem, held_out)``: ``held_out`` is the guard's problem with
+    Returns ``(problem, held_out, seen)``: ``held_out`` is the guard's problem with
     ``holdout`` other tokens per layer and the same weights, or None (``holdout`` 0,
     no ``calibration``, or no token left by the learning sample) (activations cached even without an
-    activation grid: the guard measures the output error of weight rounding on them)."""
+    activation grid: the guard measures the output error of weight rounding on them);
+    ``seen`` is the same on the learning sample's tokens, None where ``held_out`` is
+    (the guard's evidence compares the two)."""
     layers = layer_modules(model, mapping)
     stream, o_inputs = None, []
-    held = None
+    held = seen = None
     if calibration is not None and (activation_grid is not None or holdout):
         stream, o_inputs, held_stream, held_o = cache_activations(model, layers, calibration, tokens, seed, holdout)
         if held_stream is not None:
-            held = held_stream, held_o
+            held, seen = (held_stream, held_o), (stream, o_inputs)
         if activation_grid is None:  # cached for the guard only: no activation term
             stream, o_inputs = None, []
     weights = sample_layer_weights(layers, r1_block, weight_rows, seed, r4) if (weight_grid is not None or held) else []
@@ -190,6 +192,10 @@ def frtq_problem(
         **objective,
     )
     if held is None:
-        return problem, None
-    return problem, FRTQProblem(stream=held[0], o_inputs=held[1], layers=weights, activation_grid=activation_grid,
-                                weight_grid=weight_grid, stream_runs=runs, **objective)
+        return problem, None, None
+    held_out, seen = (
+        FRTQProblem(stream=part[0], o_inputs=part[1], layers=weights, activation_grid=activation_grid,
+                    weight_grid=weight_grid, stream_runs=runs, **objective)
+        for part in (held, seen)
+    )
+    return problem, held_out, seen

@@ -103,6 +103,11 @@ def test_cost_at_scale_on_cuts_extrapolates_both_sides_in_depth(monkeypatch):
     assert "1- and 2-layer cuts, extrapolated to 6 layers" in row["gptq"]
     text = cost.tables({"command": "c", "threads": 1, "transform": [], "online_r4": [], "scale": [{**row, "command": "c"}]})
     assert "| tiny |" in text and "(2-layer cut)" in text
+    frtq = {"frtq_recipe_seconds": 300.0, "gptq_recipe_seconds": 200.0, "frtq_seconds": 100.0,
+            "frtq_learning_seconds": 80.0, "frtq_guard_seconds": 5.0, "frtq_over_gptq": 0.5, "frtq": "f", "gptq": "g",
+            "calibration": "32 x 512"}
+    text = cost.tables({"command": "c", "threads": 1, "transform": [], "online_r4": [], "frtq_vs_gptq": frtq})
+    assert "FRTQ costs 100 s (learning 80 s, guard 5 s), FRTQ / GPTQ = 0.50" in text
 
 
 def test_draws_table_gives_mean_and_spread_over_draws(rotations, tmp_path):

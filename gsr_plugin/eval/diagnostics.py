@@ -38,7 +38,7 @@ activations (``input_error``; global scale from the window itself).
 from __future__ import annotations
 
 import json
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import torch
@@ -46,6 +46,7 @@ from compressed_tensors.quantization import QuantizationArgs
 from tqdm import tqdm
 
 from gsr_plugin.learn.frtq import Grid
+from gsr_plugin.learn.guard import VERDICTS
 from gsr_plugin.learn.objectives import grid_to_std_ratio, rounding_error
 from gsr_plugin.quantizers import CLIP_CANDIDATES, clip_error
 from gsr_plugin.walsh import is_power_of_two
@@ -342,6 +343,19 @@ def _guard_lines(guard: dict | None) -> list[str]:
         lines.append(f"| R2 layer {layer} | {errors['init']:.5f} | {errors['learned']:.5f} | {kept} |")
     if "clips" in guard:
         lines.append(f"| learned clips | | | {guard['clips_kept']} of {guard['clips']} |")
+    rows = guard.get("layers")
+    if rows:
+        counts = Counter(row["verdict"] for row in rows)
+        lines += ["", "FRTQ evidence per layer: quantized output error of the initialization and of the learned "
+                  "R1/R2, on the tokens learning saw and on held-out ones ("
+                  + ", ".join(f"{counts[v]} {v}" for v in VERDICTS if counts[v]) + ")", "",
+                  "| layer | seen init | seen learned | held-out init | held-out learned | verdict |",
+                  "|---|---|---|---|---|---|"]
+        for layer, row in enumerate(rows):
+            seen, held = row["seen"], row["held_out"]
+            lines.append(f"| {layer} | {seen['init']:.5f} | {seen['learned']:.5f} | {held['init']:.5f} | "
+                         f"{held['learned']:.5f} | {row['verdict']} |")
+        lines += [""] + [f"- {v}: {meaning}" for v, meaning in VERDICTS.items()]
     return lines
 
 

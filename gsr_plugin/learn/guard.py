@@ -26,7 +26,7 @@ from gsr_plugin.learn.frtq import FRTQProblem, Grid
 from gsr_plugin.learn.objectives import rounding_error
 from gsr_plugin.learn.orthogonal import rotate_inputs, rotate_output_blocks
 
-__all__ = ["GuardDecision", "quantized_output_error", "layer_errors", "guard", "guard_clips"]
+__all__ = ["GuardDecision", "quantized_output_error", "layer_errors", "guard", "guard_clips", "evidence", "VERDICTS"]
 
 
 def _quantize(x: Tensor, grid: Grid | None, per_row: bool = False, clip: float = 1.0) -> Tensor:
@@ -187,3 +187,43 @@ def guard_clips(
             else:
                 values[index] = 1.0
     return kept, {"clips_kept": count, "clips": total}
+
+
+# what a layer's errors say about a learned rotation (``evidence``)
+VERDICTS = {
+    "gains": "lower error on the learning tokens and on held-out ones",
+    "overfits": "lower error on the learning tokens only",
+    "objective disagrees": "the objective fell, the output error on the very tokens it learned from did not",
+}
+
+
+@torch.no_grad()
+def evidence(
+    seen: FRTQProblem, held_out: FRTQProblem, r1_init: Tensor, r1: Tensor,
+    r2_init: Tensor | None = None, r2: Tensor | None = None,
+) -> list[dict]:
+    """Why a learned rotation wins or loses, per layer: the quantized output error
+    (mean over the layer's linears, ``layer_errors``) under the initialization and
+    under the learned ``r1``/``r2``, on the tokens the learning saw (``seen``) and on
+    held-out ones, and the verdict (``VERDICTS``): with ``e`` the error,
+
+    * ``gains``: ``e_learned < e_init`` on both;
+    * ``overfits``: on the seen tokens only (too few tokens per input);
+    * ``objective disagrees``: not even on the seen tokens, though the ratio it
+      minimized fell (the grid-to-std ratio is a proxy of the output error)."""
+    to = lambda t: None if t is None else t.double()  # noqa: E731
+    r1_init, r1, r2_init, r2 = to(r1_init), to(r1), to(r2_init), to(r2)
+    errors = {name: (layer_errors(problem, r1_init, r2_init), layer_errors(problem, r1, r2))
+              for name, problem in (("seen", seen), ("held_out", held_out))}
+    out = []
+    for layer in range(len(errors["seen"][0])):
+        row = {name: {"init": _mean([before[layer]]), "learned": _mean([after[layer]])}
+               for name, (before, after) in errors.items()}
+        if row["seen"]["learned"] >= row["seen"]["init"]:
+            row["verdict"] = "objective disagrees"
+        elif row["held_out"]["learned"] >= row["held_out"]["init"]:
+            row["verdict"] = "overfits"
+        else:
+            row["verdict"] = "gains"
+        out.append(row)
+    return out

@@ -17,6 +17,8 @@ through the network (as DartQuant, NeurIPS 2025, does).
 from __future__ import annotations
 
 import json
+import time
+from collections import Counter
 from pathlib import Path
 from typing import Literal
 
@@ -29,7 +31,7 @@ from pydantic import Field, PrivateAttr, field_validator, model_validator
 from gsr_plugin.calibration import frtq_problem, layer_modules
 from gsr_plugin.learn.frtq import Grid, LearnResult, initial_blocks, learn_rotations
 from gsr_plugin.learn.guard import guard as guard_rotations
-from gsr_plugin.learn.guard import guard_clips
+from gsr_plugin.learn.guard import evidence, guard_clips
 from gsr_plugin.modifiers.gsr import GSRModifier
 from gsr_plugin.quantizers import INPUT_CLIP_ATTR, save_activation_clips_with
 from gsr_plugin.rotation import head_dim_of
@@ -88,8 +90,10 @@ class FRTQModifier(GSRModifier):
     :param guard: keep a learned matrix only where it beats its initialization on
         held-out calibration tokens (``gsr_plugin.learn.guard``: the quantized output
         error of the linears it changes; R1 once, R2 per layer); the decision and the
-        errors go to ``learned["guard"]``. Needs oneshot's dataset (skipped, with a
-        warning, without one)
+        errors go to ``learned["guard"]``, with the evidence per layer
+        (``learn.guard.evidence``: the learned matrices' error on the learning tokens
+        and on held-out ones, and whether they gain, overfit, or the objective
+        disagrees). Needs oneshot's dataset (skipped, with a warning, without one)
     :param learn_clip: also learn a clip ratio for each activation input the rotations
         change (each layer's attention input, MLP input and o_proj input), in
         alternating updates with R1/R2 on the clipped objective (the clipped grid's
@@ -294,7 +298,7 @@ class FRTQModifier(GSRModifier):
             logger.warning("FRTQ guard skipped: oneshot was given no dataset, so no held-out tokens to check "
                            "the learned rotations on (pass dataset=, or set guard: false to silence this)")
             guarding = False
-        problem, held_out = frtq_problem(
+        problem, held_out, seen = frtq_problem(
             model, self._mapping,
             learn_r1="R1" in self.learned_rotations, learn_r2="R2" in self.learned_rotations,
             r1_block=r1_init.shape[-1], activation_grid=self._activation_grid, weight_grid=self._weight_grid,
@@ -311,9 +315,14 @@ class FRTQModifier(GSRModifier):
         result = learn_rotations(problem, r1_init, r2_init, self.steps, self.lr,
                                  learn_clip=self.learn_clip, clip_floor=self.clip_floor)
         if held_out is not None:
+            start = time.perf_counter()
+            layers = evidence(seen, held_out, r1_init, result.r1, r2_init, result.r2)
             decision = guard_rotations(held_out, r1_init, result.r1, r2_init, result.r2)
             result.r1, result.r2 = decision.r1, decision.r2
-            self._guarded = decision.record()
+            self._guarded = decision.record() | {"layers": _rounded(layers)}
+            verdicts = Counter(row["verdict"] for row in layers)
+            logger.info("FRTQ evidence per layer (quantized output error, learning vs held-out tokens): "
+                        + ", ".join(f"{n} {v}" for v, n in verdicts.items()))
             logger.info(
                 f"FRTQ guard: R1 {self._guarded['R1']} (held-out error init {decision.r1_error['init']:.5f}, "
                 f"learned {decision.r1_error['learned']:.5f}); R2 learned in "
@@ -323,6 +332,7 @@ class FRTQModifier(GSRModifier):
                 result.clips, kept = guard_clips(held_out, result.r1, result.r2, result.clips)
                 self._guarded |= kept
                 logger.info(f"FRTQ guard: {kept['clips_kept']} of {kept['clips']} learned clips kept")
+            self._guarded["seconds"] = round(time.perf_counter() - start, 1)
         if result.clips is not None:
             self._put_clips(model, result.clips)
         return result
@@ -344,6 +354,11 @@ class FRTQModifier(GSRModifier):
                         if ratio < 1.0:
                             setattr(module, INPUT_CLIP_ATTR, ratio)
         save_activation_clips_with(model)
+
+
+def _rounded(rows: list[dict]) -> list[dict]:
+    return [{k: ({e: round(x, 6) for e, x in v.items()} if isinstance(v, dict) else v) for k, v in row.items()}
+            for row in rows]
 
 
 def _record(result: LearnResult) -> dict:

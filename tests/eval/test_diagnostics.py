@@ -179,3 +179,11 @@ def test_the_table_shows_frtqs_guard_per_rotation():
     text = tables(report)
     assert "| R1 | 0.01000 | 0.02000 | init |" in text
     assert "| R2 layer 0 | 0.03000 | 0.04000 | init |" in text and "| R2 layer 1 | 0.05000 | 0.01000 | learned |" in text
+    assert "evidence" not in text  # a record from before the evidence: no table
+    guard["layers"] = [{"seen": {"init": 0.2, "learned": 0.1}, "held_out": {"init": 0.2, "learned": 0.3},
+                        "verdict": "overfits"},
+                       {"seen": {"init": 0.2, "learned": 0.1}, "held_out": {"init": 0.2, "learned": 0.15},
+                        "verdict": "gains"}]
+    text = tables(report)
+    assert "(1 gains, 1 overfits)" in text
+    assert "| 0 | 0.20000 | 0.10000 | 0.20000 | 0.30000 | overfits |" in text

@@ -7,7 +7,8 @@ import torch
 
 from conftest import run_oneshot
 from gsr_plugin.learn.frtq import FRTQProblem, Grid, LayerWeights, initial_blocks
-from gsr_plugin.learn.guard import guard, layer_errors, quantized_output_error
+from gsr_plugin.learn.guard import evidence, guard, layer_errors, quantized_output_error
+from gsr_plugin.learn.orthogonal import rotate_inputs
 
 GRID = {"weight_bits": 4, "weight_group_size": 32, "weight_symmetric": False, "activation_bits": 4}
 
@@ -78,6 +79,27 @@ def test_the_guard_keeps_whichever_quantizes_held_out_tokens_better():
     assert decision.record()["R2_layers"] == 2
 
 
+def test_the_evidence_tells_a_gain_from_overfitting_and_from_a_disagreeing_objective():
+    """Identity -> Walsh on outlier tokens lowers the error on both token sets (gains);
+    held-out tokens that Walsh turns *into* outliers make the same step an overfit;
+    the step back (Walsh -> identity) raises the error on the seen tokens themselves."""
+    seen = outlier_problem()
+    walsh = initial_blocks("gsr", 32, 64, 32, seed=0)
+    identity = torch.eye(32, dtype=torch.float64).expand(2, 32, 32).clone()
+    # x W^T is unchanged by rotating both; these tokens' outliers appear only after Walsh
+    spread = rotate_inputs(seen.stream.double(), walsh.transpose(-1, -2)).float()
+    held = FRTQProblem(stream=spread, o_inputs=seen.o_inputs, layers=seen.layers,
+                       activation_grid=seen.activation_grid, weight_grid=seen.weight_grid)
+    assert [row["verdict"] for row in evidence(seen, seen, identity, walsh)] == ["gains", "gains"]
+    overfit = evidence(seen, held, identity, walsh)
+    assert [row["verdict"] for row in overfit] == ["overfits", "overfits"]
+    for row in overfit:  # the numbers behind it are layer_errors' means
+        assert row["seen"]["learned"] < row["seen"]["init"] and row["held_out"]["learned"] > row["held_out"]["init"]
+    expected = layer_errors(held, walsh, None)[1]
+    assert overfit[1]["held_out"]["learned"] == pytest.approx(sum(expected.values()) / len(expected), rel=1e-12)
+    assert [row["verdict"] for row in evidence(seen, seen, walsh, identity)] == ["objective disagrees"] * 2
+
+
 def test_frtq_keeps_gsrs_r1_where_learning_hurts(load_tiny, calibration, tmp_path):
     """A learning rate of 3 on two tokens per input: the learned R1 quantizes held-out
     tokens worse, so the saved R1 is GSR's; without the guard it is not."""
@@ -91,6 +113,8 @@ def test_frtq_keeps_gsrs_r1_where_learning_hurts(load_tiny, calibration, tmp_pat
         model.save_pretrained(out)
     record = guarded.learned["guard"]
     assert record["R1"] == "init"
+    assert len(record["layers"]) == 2 and all(row["verdict"] in ("overfits", "objective disagrees", "gains")
+                                              for row in record["layers"])
     assert record["R1_error"]["learned"] > record["R1_error"]["init"]
     gsr = initial_blocks("gsr", 32, 128, 32, seed=0)
     layers = ["model.layers.0.self_attn", "model.layers.1.self_attn"]
