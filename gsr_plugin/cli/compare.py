@@ -105,6 +105,7 @@ def run_settings(
     evaluation settings are kept instead of repeated."""
     from datasets import Dataset
     from llmcompressor import oneshot
+    from llmcompressor.recipe import Recipe
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from gsr_plugin.rotation import head_dim_of
@@ -145,18 +146,21 @@ def run_settings(
             report["runs"].append(done[key])
             continue
         start = time.perf_counter()
+        learned = None
         if engine == "optimum":
             quantized = _quantize_with_optimum(path, tokenizer, windows, recipe_yaml(setting, head_dim))
         else:
             quantized = load()
+            modifiers = Recipe.create_instance(recipe_yaml(setting, head_dim)).modifiers
             oneshot(
                 model=quantized,
                 processor=tokenizer,
                 dataset=dataset,
-                recipe=recipe_yaml(setting, head_dim),
+                recipe=modifiers,
                 num_calibration_samples=calib_samples,
                 max_seq_length=calib_len,
             )
+            learned = next((m.learned for m in modifiers if getattr(m, "learned", None)), None)
         seconds = time.perf_counter() - start
         result = perplexity(quantized, stream, max_windows=ppl_windows, progress=False)
         report["runs"].append(
@@ -179,12 +183,16 @@ def run_settings(
                 "lowrank": setting.lowrank if setting.rank else None,
                 "fp4": setting.fp4,
                 "fp4_gptq": setting.fp4_gptq,
+                "activation_clip": setting.activation_clip,
+                "kv_clip": setting.kv_clip,
+                "sink_tokens": setting.sink_tokens,
                 "bits_per_weight": round(bits_per_weight(model_config, setting.weight_bits, setting.group_size,
                                                          setting.symmetric, setting.rank,
                                                          scale_bits=8 if setting.fp4 else 16), 4),
                 "ppl": result.ppl,
                 "windows": result.windows,
                 "quantize_seconds": round(seconds, 1),
+                **({"learned": learned} if learned else {}),  # a learned rotation's record (FRTQ: objective, guard)
             }
         )
         tqdm.write(f"{key}: PPL {result.ppl:.2f}")

@@ -73,6 +73,20 @@ def test_resume_keeps_finished_runs_and_redoes_nothing(tiny_checkpoints, small_d
     assert again["runs"] == first["runs"]
 
 
+def test_a_learned_rotation_leaves_its_record_in_the_run(tiny_checkpoints, small_data, tmp_path):
+    from gsr_plugin.cli.compare import run_settings
+    from gsr_plugin.recipes import RecipeSetting
+
+    settings = [RecipeSetting("frtq", 4, 32, symmetric=False, activation_bits=4, activation_clip=0.9)]
+    report = run_settings(str(tiny_checkpoints["llama"]), settings, tmp_path / "r.json", calib_samples=4,
+                          calib_len=64, ppl_windows=1, data_dir=str(small_data))
+    run = report["runs"][0]
+    assert run["activation_clip"] == 0.9 and run["kv_clip"] is None
+    learned = run["learned"]
+    assert learned["steps"] > 0 and learned["objective_after"] < learned["objective_before"]
+    assert json.loads((tmp_path / "r.json").read_text())["runs"][0]["learned"] == learned
+
+
 def test_low_rank_rows_sit_in_the_same_table(tiny_checkpoints, small_data, tmp_path):
     settings = CompareSettings(
         model=str(tiny_checkpoints["llama"]), bits=[3], methods=["gsr"], group_size=32, ranks=[0, 8],
