@@ -28,6 +28,7 @@ difference between two rows is the matrix's doing.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import re
@@ -509,12 +510,10 @@ def draws_table(out: Path, suite: str, first: str) -> str | None:
     """Mean and spread over the calibration draws of each run of ``suite`` (draw 0 in
     ``<first>.json``, draw N in ``<suite>-seed<N>.json``); None when no draw beyond 0
     exists. Spread: (max - min) / mean."""
-    reports = {0: out / f"{first}.json", **{int(p.stem.rsplit("seed", 1)[1]): p for p in out.glob(f"{suite}-seed*.json")}}
-    if len(reports) < 2:
+    by_draw = _draws(out, suite, first)
+    if len(by_draw) < 2 or 0 not in by_draw:
         return None
-    by_draw = {seed: {r["recipe"]: r for r in json.loads(p.read_text())["runs"]} for seed, p in sorted(reports.items())
-               if p.is_file()}
-    fp = json.loads(reports[0].read_text())["fp"]["ppl"]
+    fp = json.loads((out / f"{first}.json").read_text())["fp"]["ppl"]
     seeds = sorted(by_draw)
     lines = [f"| run | {' | '.join(f'draw {s}' for s in seeds)} | mean | / float | spread |",
              "|---|" + "---|" * (len(seeds) + 3)]
@@ -531,6 +530,59 @@ def draws_table(out: Path, suite: str, first: str) -> str | None:
     return "\n".join(lines)
 
 
+def _draws(out: Path, suite: str, first: str) -> dict[int, dict[str, dict]]:
+    """{draw: {run key: run}} for the draws of ``suite`` saved in ``out``."""
+    reports = {0: out / f"{first}.json", **{int(p.stem.rsplit("seed", 1)[1]): p for p in out.glob(f"{suite}-seed*.json")}}
+    return {seed: {r["recipe"]: r for r in json.loads(p.read_text())["runs"]} for seed, p in sorted(reports.items())
+            if p.is_file()}
+
+
+def versus_table(out: Path, suite: str, first: str, method: str = "frtq", baseline: str = "gsr") -> str | None:
+    """``method`` against ``baseline`` with the same quantizers, draw by draw (ratio
+    of perplexities), and the verdict: *wins* where every draw of ``method`` is below
+    every draw of ``baseline`` (a difference beyond the spread), *loses* where every
+    one is above, *ties* otherwise. None with fewer than two draws of any pair."""
+    by_draw = _draws(out, suite, first)
+    lines = []
+    for setting in SUITES[suite]():
+        if setting.method != method:
+            continue
+        key, other = run_key(setting), run_key(dataclasses.replace(setting, method=baseline))
+        pairs = [(runs[key]["ppl"], runs[other]["ppl"]) for runs in by_draw.values() if key in runs and other in runs]
+        if len(pairs) < 2:
+            continue
+        ours, theirs = [p[0] for p in pairs], [p[1] for p in pairs]
+        verdict = "wins" if max(ours) < min(theirs) else "loses" if min(ours) > max(theirs) else "ties"
+        ratios = [a / b for a, b in pairs]
+        lines.append(f"| {key} | {' | '.join(f'{r:.3f}' for r in ratios)} | {sum(ratios) / len(ratios):.3f} | "
+                     f"{verdict} |")
+    if not lines:
+        return None
+    width = max(line.count("|") for line in lines) - 4
+    return "\n".join([f"| run | {' | '.join(f'{method} / {baseline}, draw {i}' for i in range(width))} | mean | "
+                      f"beyond the spread |", "|---|" + "---|" * (width + 2), *lines])
+
+
+def guard_table(out: Path, suite: str, first: str) -> str | None:
+    """What FRTQ's guard kept in each run and draw, and the evidence per layer
+    (``learned["guard"]`` as recorded by the runs)."""
+    lines = []
+    for seed, runs in _draws(out, suite, first).items():
+        for key, run in runs.items():
+            guard = (run.get("learned") or {}).get("guard")
+            if not guard:
+                continue
+            verdicts = [row["verdict"] for row in guard.get("layers", [])]
+            counts = ", ".join(f"{verdicts.count(v)} {v}" for v in dict.fromkeys(verdicts)) or "-"
+            lines.append(f"| {key} | {seed} | {guard['R1']} | {guard['R1_error']['init']:.5f} | "
+                         f"{guard['R1_error']['learned']:.5f} | {len(guard['R2_learned_layers'])} of "
+                         f"{guard['R2_layers']} | {counts} |")
+    if not lines:
+        return None
+    return "\n".join(["| run | draw | R1 kept | R1 held-out error, init | learned | R2 learned | evidence per layer |",
+                      "|---|---|---|---|---|---|---|", *lines])
+
+
 def tables(out: Path) -> str:
     """tables.md (and the plots) from every suite's saved report in ``out``."""
     parts = []
@@ -538,6 +590,12 @@ def tables(out: Path) -> str:
         table_text = draws_table(out, suite, first)
         if table_text:
             parts += [f"## {suite}: mean and spread over calibration draws", "", table_text, ""]
+        versus = versus_table(out, suite, first)
+        if versus:
+            parts += [f"## {suite}: FRTQ against GSR, draw by draw", "", versus, ""]
+        guarded = guard_table(out, suite, first)
+        if guarded:
+            parts += [f"## {suite}: FRTQ's guard and evidence", "", guarded, ""]
     for suite, (heading, render, plot) in TABLES.items():
         path = out / f"{suite}.json"
         if not path.is_file():

@@ -122,3 +122,24 @@ def test_draws_table_gives_mean_and_spread_over_draws(rotations, tmp_path):
     row = next(line for line in table.splitlines() if line.startswith(f"| {keys[0]} "))
     assert "| 50.00 | 60.00 | 55.00 | 2.75x | 18.2% |" in row
     assert f"| {keys[1]} |  | 70.00 | 70.00 | 3.50x |  |" in table
+
+
+def test_frtq_against_gsr_is_a_win_only_beyond_the_spread(rotations, tmp_path):
+    """Draw by draw ratios; a win needs every FRTQ draw below every GSR draw."""
+    gsr, frtq = (rotations.run_key(s) for s in rotations.sweep_suite()[:2])
+    w4 = [s for s in rotations.sweep_suite() if s.weight_bits == 4 and s.group_size is None]
+    gsr4, frtq4 = rotations.run_key(w4[0]), rotations.run_key(w4[1])
+    guard = {"R1": "learned", "R1_error": {"init": 0.04, "learned": 0.03}, "R2_learned_layers": [0], "R2_layers": 2,
+             "layers": [{"verdict": "gains"}, {"verdict": "overfits"}]}
+    draws = [{gsr: 40.0, frtq: 36.0, gsr4: 30.0, frtq4: 29.0}, {gsr: 41.0, frtq: 38.0, gsr4: 29.5, frtq4: 31.0}]
+    for seed, ppl in enumerate(draws):
+        runs = [{"recipe": k, "ppl": v, **({"learned": {"guard": guard}} if k == frtq else {})} for k, v in ppl.items()]
+        name = "sweep.json" if seed == 0 else f"sweep-seed{seed}.json"
+        (tmp_path / name).write_text(json.dumps({"fp": {"ppl": 20.0}, "runs": runs}))
+    table = rotations.versus_table(tmp_path, "sweep", "sweep")
+    assert f"| {frtq} | 0.900 | 0.927 | 0.913 | wins |" in table
+    assert f"| {frtq4} | 0.967 | 1.051 | 1.009 | ties |" in table
+    guarded = rotations.guard_table(tmp_path, "sweep", "sweep")
+    assert f"| {frtq} | 1 | learned | 0.04000 | 0.03000 | 1 of 2 | 1 gains, 1 overfits |" in guarded
+    text = rotations.tables(tmp_path)
+    assert "FRTQ against GSR, draw by draw" in text and "FRTQ's guard and evidence" in text
