@@ -2,6 +2,7 @@
 
     gsr quantize --model default --recipe gsr_w4a16_g64_gptq --output out/smollm2-gsr-w4a16
     gsr eval default out/smollm2-gsr-w4a16 --ppl-windows 10 --tasks piqa
+    gsr eval out/smollm2-gsr-w4a16 --engine vllm --tasks piqa
     gsr compare --model default --bits 2,3,4 --out docs/compare
     gsr serve-check out/smollm2-gsr-w4a16
     gsr diagnose default --recipe frtq_w4a4kv4_g64_asym_r4_gptq
@@ -102,11 +103,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = commands.add_parser("eval", help="WikiText-2 perplexity and zero-shot accuracy")
     e.add_argument("models", nargs="+", metavar="MODEL_OR_DIR", help="model(s): hub id, directory or 'default'")
-    e.add_argument("--ppl-windows", type=_windows, default=None, help="first N 2048-token windows, 'all' (default), 0 to skip")
+    e.add_argument("--ppl-windows", type=_windows, default=None, help="first N windows, 'all' (default; with --engine vllm: 10), 0 to skip")
     e.add_argument("--tasks", default="", help="comma-separated zero-shot tasks (piqa), through lm-evaluation-harness")
     e.add_argument("--limit", type=int, default=None, help="evaluate only the first N documents of each task")
     e.add_argument("--batch-size", type=int, default=16)
     e.add_argument("--json", default=None, help="write the figures and their settings to this file")
+    e.add_argument("--engine", choices=["transformers", "vllm"], default="transformers",
+                   help="vllm: the checkpoint as vLLM serves it (prompt log-probabilities; perplexity on the same windows "
+                        "and PIQA), beside transformers' figures, with vLLM's speed and peak memory")
+    e.add_argument("--seq-len", type=int, default=2048, help="perplexity window (default 2048)")
+    e.add_argument("--no-speed", action="store_true", help="with --engine vllm: skip the prefill and decode timings")
+    e.add_argument("--device", choices=["cpu", "cuda"], default=None, help="with --engine vllm: vLLM's platform")
+    e.add_argument("--vllm-python", default=None, help="with --engine vllm: python of an environment with vLLM")
+    e.add_argument("--timeout", type=float, default=900, help="with --engine vllm: seconds vLLM may take")
     _add_data(e)
 
     c = commands.add_parser("compare", help="the same GPTQ setting after each rotation: table and plot")
@@ -210,18 +219,46 @@ def cmd_eval(args) -> int:
     from gsr_plugin.eval.models import resolve_model
 
     tasks = [t for t in args.tasks.split(",") if t]
+    if args.engine == "vllm":
+        return _eval_served(args, tasks)
     for model in args.models:  # every checkpoint checked before the first is evaluated
         resolve_model(model)
     reports = []
     for model in args.models:
         _say(f"evaluating {model}")
-        reports.append(evaluate(model, args.ppl_windows, tasks, args.data_dir, args.limit, args.batch_size))
+        reports.append(evaluate(model, args.ppl_windows, tasks, args.data_dir, args.limit, args.batch_size,
+                                seq_len=args.seq_len))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(reports if len(reports) > 1 else reports[0], f, indent=2)
             f.write("\n")
     _result(_eval_table(reports, tasks))
     return 0
+
+
+def _eval_served(args, tasks: list[str]) -> int:
+    from gsr_plugin.serving.evaluate import evaluate_served, served_table
+    from gsr_plugin.serving.runner import VllmFailed, VllmTimedOut
+
+    device = args.device or _default_device()
+    python = Path(args.vllm_python) if args.vllm_python else None
+    windows = 10 if args.ppl_windows is None else args.ppl_windows
+    if windows == 0:
+        raise ValueError("--engine vllm measures perplexity on the served checkpoint: give --ppl-windows 1 or more")
+    reports = []
+    try:
+        for checkpoint in args.models:
+            _say(f"serving {checkpoint} with vLLM ({device}) and scoring it with transformers too")
+            reports.append(evaluate_served(checkpoint, windows, args.seq_len, tasks, args.limit, args.data_dir,
+                                           speed=not args.no_speed, device=device, python=python,
+                                           timeout=args.timeout))
+    except VllmFailed as error:
+        print(f"gsr eval: error: {error}", file=sys.stderr)
+        return VLLM_TIMED_OUT if isinstance(error, VllmTimedOut) else VLLM_DIED
+    if args.json:
+        Path(args.json).write_text(json.dumps(reports if len(reports) > 1 else reports[0], indent=2) + "\n")
+    _result(served_table(reports))
+    return 0 if all(r["wikitext2"]["agrees"] for r in reports) else 1
 
 
 def _eval_table(reports: list[dict], tasks: list[str]) -> str:

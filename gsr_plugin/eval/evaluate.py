@@ -88,8 +88,9 @@ def evaluate(
     limit: int | None = None,
     batch_size: int = 16,
     json_path: str | Path | None = None,
+    seq_len: int = 2048,
 ) -> dict:
-    """Perplexity (``ppl_windows``: the first N windows, None = all) and ``tasks``;
+    """Perplexity (``ppl_windows``: the first N windows of ``seq_len``, None = all) and ``tasks``;
     the result, with its settings, also goes to ``json_path``."""
     start = time.perf_counter()
     model, tokenizer, path = load_model(model_or_dir)
@@ -101,7 +102,7 @@ def evaluate(
         "data_dir": str(find_data_dir(data_dir) or "hub"),
     }
     if ppl_windows != 0:
-        report["wikitext2"] = wikitext2_perplexity(model, tokenizer, ppl_windows, data_dir=data_dir).to_dict()
+        report["wikitext2"] = wikitext2_perplexity(model, tokenizer, ppl_windows, seq_len, data_dir=data_dir).to_dict()
     if tasks:
         report["zero_shot"] = zero_shot(model, tokenizer, list(tasks), data_dir, limit, batch_size)
     report["seconds"] = round(time.perf_counter() - start, 1)

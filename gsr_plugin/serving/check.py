@@ -15,7 +15,7 @@ from pathlib import Path
 
 from gsr_plugin.checkpoint import check_checkpoint
 from gsr_plugin.serving.agreement import PROMPTS, REFERENCES, Tolerance, compare_outputs, run_transformers
-from gsr_plugin.serving.rules import probe_vllm_kernels, unservable_reasons
+from gsr_plugin.serving.rules import refuse_unservable
 from gsr_plugin.serving.runner import VLLM_TIMEOUT_SECONDS, run_vllm, vllm_python
 
 __all__ = ["ServeReport", "serve_check"]
@@ -101,11 +101,7 @@ def serve_check(
     check_checkpoint(checkpoint)  # before vLLM or its environment is touched
     checkpoint = str(checkpoint)
     python = python or vllm_python()
-    kernels = probe_vllm_kernels(python) if device == "cpu" else None
-    reasons = unservable_reasons(checkpoint, device, kernels)
-    if reasons:
-        where = f"{device}: {kernels.describe()}" if kernels else device
-        raise ValueError(f"vLLM ({where}) cannot serve {checkpoint}:\n  - " + "\n  - ".join(reasons))
+    kernels = refuse_unservable(checkpoint, device, python)
     vllm_result = run_vllm(checkpoint, dtype, PROMPTS, REFERENCES, max_tokens, python, timeout)
     hf_result = run_transformers(checkpoint, reference_dtype, vllm_result, max_tokens, noise_dtype=dtype)
     prompts, references = compare_outputs(vllm_result, hf_result, tolerance)

@@ -20,6 +20,7 @@ from gsr_plugin.quantizers import CLIP_DIR, CLIP_FILE, CLIP_RATIO, SINK_TOKENS
 from gsr_plugin.serving.runner import WORKER, VllmDied, VllmTimedOut, adapter_of, vllm_python
 
 __all__ = [
+    "refuse_unservable",
     "INT4_KERNEL",
     "INT8_KERNELS",
     "VLLM_CPU_BUILD_MISSING_OPS",
@@ -262,6 +263,18 @@ def unservable_reasons(checkpoint: str | Path, device: str = "cpu", kernels: Vll
             "rotations only (GSRModifier rotations R1, R2) on CPU, or use vLLM on a GPU"
         )
     return reasons
+
+
+def refuse_unservable(checkpoint: str | Path, device: str = "cpu", python: Path | None = None) -> VllmKernels | None:
+    """``ValueError`` naming every setting of ``checkpoint`` (or of this machine) that
+    vLLM cannot serve on ``device``, from this processor's probed kernels on CPU;
+    returns those kernels (None off CPU) when it can."""
+    kernels = probe_vllm_kernels(python) if device == "cpu" else None
+    reasons = unservable_reasons(checkpoint, device, kernels)
+    if reasons:
+        where = f"{device}: {kernels.describe()}" if kernels else device
+        raise ValueError(f"vLLM ({where}) cannot serve {checkpoint}:\n  - " + "\n  - ".join(reasons))
+    return kernels
 
 
 def _gptq_reasons(qconfig: dict, config: dict, device: str, kernels: VllmKernels | None) -> list[str]:

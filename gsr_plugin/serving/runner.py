@@ -81,10 +81,12 @@ def adapter_of(checkpoint: str | Path) -> dict | None:
 
 def run_vllm(
     checkpoint: str, dtype: str, prompts, references, max_tokens: int, python: Path | None = None,
-    timeout: float = VLLM_TIMEOUT_SECONDS,
+    timeout: float = VLLM_TIMEOUT_SECONDS, *, sequences=None, speed: dict | None = None, context: int | None = None,
 ) -> dict:
     """vLLM's greedy generations and reference log-probs for a checkpoint (with its
-    low-rank adapter as a LoRA, when it has one), in a context of ``max_model_len``.
+    low-rank adapter as a LoRA, when it has one), in a context of ``max_model_len``
+    (or ``context``); with ``sequences`` (token ids) their log-probs too, and with
+    ``speed`` its timings (``vllm_worker``'s request).
 
     The worker runs in its own process group, which is killed and reaped when it ends,
     whatever way: ``VllmTimedOut`` after ``timeout`` seconds, ``VllmDied`` when it
@@ -95,8 +97,10 @@ def run_vllm(
         "prompts": list(prompts),
         "references": list(references),
         "max_tokens": max_tokens,
-        "max_model_len": max_model_len(checkpoint),
+        "max_model_len": context or max_model_len(checkpoint),
         "lora": adapter_of(checkpoint),
+        **({"sequences": [list(map(int, ids)) for ids in sequences]} if sequences else {}),
+        **({"speed": speed} if speed else {}),
     }
     env = dict(os.environ)
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB: keeps memory small

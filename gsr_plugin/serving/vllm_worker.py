@@ -10,6 +10,15 @@ REQUEST: {"checkpoint", "dtype", "prompts": [str], "references": [str], "max_tok
 reference text its token ids and the log-probability vLLM gives every token after the
 first (``prompt_logprobs``, computed from the raw logits).
 
+Optional, for ``gsr eval --engine vllm``: "sequences": [[token id]] (scored as they
+are, no tokenizer: RESULT "sequences" holds each one's log-probabilities after its
+first token); "speed": {"prompt_ids", "decode_tokens", "repeats"} (RESULT "speed":
+the best time of a prefill of ``prompt_ids`` alone and of the same prompt followed
+by ``decode_tokens`` greedy tokens, as tokens per second; batch 1). With either, the
+engine runs without prefix caching (a cached prefix would skip the work measured).
+RESULT "peak_rss_bytes": the peak resident memory of this process and every process
+under it (vLLM's engine), at the end.
+
 The probe loads vLLM's kernel library the way vLLM does on this processor (on x86
 CPUs one of three builds, chosen by torch's instruction-set checks) and reports which
 of the ops in ``PROBED_OPS`` it registered.
@@ -91,6 +100,8 @@ def run(request: dict) -> tuple[dict, object]:
         extra = {"enable_lora": True, "max_loras": 1,
                  "max_lora_rank": next(r for r in (8, 16, 32, 64, 128, 256, 320, 512) if r >= lora["rank"])}
         lora_request = LoRARequest("gsr-lowrank", 1, lora["path"])
+    if request.get("sequences") or request.get("speed"):
+        extra["enable_prefix_caching"] = False
     start = time.perf_counter()
     llm = LLM(
         model=request["checkpoint"],
@@ -113,7 +124,7 @@ def run(request: dict) -> tuple[dict, object]:
         {"prompt_ids": list(out.prompt_token_ids), "ids": list(out.outputs[0].token_ids), "text": out.outputs[0].text}
         for out in llm.generate([fit(p, request["max_tokens"]) for p in request["prompts"]], greedy, use_tqdm=False,
                                 lora_request=lora_request)
-    ]
+    ] if request["prompts"] else []
     generate_seconds = time.perf_counter() - start
     scoring = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0)
     references = []
@@ -127,14 +138,85 @@ def run(request: dict) -> tuple[dict, object]:
         references.append({"ids": ids, "logprobs": logprobs})
     import vllm
 
-    return {
+    result = {
         "vllm": vllm.__version__,
         "load_seconds": round(loaded, 1),
         "generate_seconds": round(generate_seconds, 3),
         "generations": generations,
         "references": references,
         "env": {k: v for k, v in os.environ.items() if k.startswith(("VLLM_CPU", "GSR_VLLM_CPU_ISA"))},
-    }, llm
+    }
+    if request.get("sequences"):
+        start = time.perf_counter()
+        result["sequences"] = _score(llm, request["sequences"], scoring, lora_request)
+        result["score_seconds"] = round(time.perf_counter() - start, 3)
+    if request.get("speed"):
+        result["speed"] = _speed(llm, lora_request, **request["speed"])
+    result["peak_rss_bytes"] = _peak_rss()
+    return result, llm
+
+
+def _score(llm, sequences, scoring, lora_request) -> list[list[float]]:
+    """Each sequence's token log-probabilities after its first token; in one batch,
+    or one at a time with a LoRA (see above)."""
+    prompts = [{"prompt_token_ids": list(ids)} for ids in sequences]
+    if lora_request is None:
+        outputs = llm.generate(prompts, scoring, use_tqdm=False)
+    else:
+        outputs = [llm.generate([p], scoring, use_tqdm=False, lora_request=lora_request)[0] for p in prompts]
+    out = []
+    for ids, output in zip(sequences, outputs):
+        out.append([output.prompt_logprobs[i][ids[i]].logprob for i in range(1, len(ids))])
+    return out
+
+
+def _speed(llm, lora_request, prompt_ids, decode_tokens=128, repeats=3) -> dict:
+    """Best-of-``repeats`` seconds of a prefill (one token generated) and of a prefill
+    followed by ``decode_tokens`` greedy tokens (end of text ignored), one request."""
+    from vllm import SamplingParams
+
+    prompt = [{"prompt_token_ids": list(prompt_ids)}]
+
+    def best(params) -> float:
+        llm.generate(prompt, params, use_tqdm=False, lora_request=lora_request)  # warm-up
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            llm.generate(prompt, params, use_tqdm=False, lora_request=lora_request)
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    prefill = best(SamplingParams(temperature=0.0, max_tokens=1))
+    both = best(SamplingParams(temperature=0.0, max_tokens=decode_tokens, ignore_eos=True))
+    decode = max(both - prefill, 1e-9)
+    return {"prompt_tokens": len(prompt_ids), "decode_tokens": decode_tokens, "repeats": repeats,
+            "prefill_seconds": round(prefill, 4), "decode_seconds": round(decode, 4),
+            "prefill_tokens_per_second": len(prompt_ids) / prefill,
+            "decode_tokens_per_second": (decode_tokens - 1) / decode}
+
+
+def _peak_rss() -> int:
+    """Sum of the peak resident memory (VmHWM) of this process and its descendants."""
+    def children(pid: int) -> list[int]:
+        out = []
+        try:
+            for task in os.listdir(f"/proc/{pid}/task"):
+                with open(f"/proc/{pid}/task/{task}/children") as f:
+                    out += [int(c) for c in f.read().split()]
+        except OSError:
+            pass
+        return out
+
+    total, todo = 0, [os.getpid()]
+    while todo:
+        pid = todo.pop()
+        todo += children(pid)
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                total += next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+        except (OSError, StopIteration):
+            pass
+    return total
 
 
 def _write(path: str, result: dict) -> None:
