@@ -191,15 +191,16 @@ def cmd_quantize(args) -> int:
     )
     kind = "GPTQ" if args.engine == "optimum" else "compressed-tensors"
     _say(f"saved {output} ({kind}; recipe.yaml and gsr_quantize.json inside)")
-    _say_servability(output)
+    _say_servability(output, recipe=args.recipe)
     _result(output)
     return 0
 
 
-def _say_servability(checkpoint, kernels=None) -> None:
+def _say_servability(checkpoint, kernels=None, recipe: str | None = None) -> None:
     """Where vLLM serves the checkpoint: this CPU (its kernel build, probed where the
-    vLLM environment exists, else predicted), and GPU (by vLLM's rules)."""
-    from gsr_plugin.serving.rules import local_vllm_kernels, unservable_reasons
+    vLLM environment exists, else predicted), and GPU (by vLLM's rules); where it
+    cannot, what serves instead."""
+    from gsr_plugin.serving.rules import local_vllm_kernels, served_alternatives, unservable_reasons
 
     kernels = kernels or local_vllm_kernels()
     cpu, gpu = unservable_reasons(checkpoint, "cpu", kernels), unservable_reasons(checkpoint, "cuda")
@@ -212,6 +213,9 @@ def _say_servability(checkpoint, kernels=None) -> None:
         _say("nor on GPU:\n  - " + "\n  - ".join(gpu))
     else:
         _say("vLLM's GPU kernels take this setting (by vLLM 0.32's rules; not checked on a GPU here)")
+    alternatives = served_alternatives(checkpoint, recipe)
+    if alternatives:
+        _say("what serves instead:\n  - " + "\n  - ".join(alternatives))
 
 
 def cmd_eval(args) -> int:

@@ -21,6 +21,7 @@ from gsr_plugin.serving.runner import WORKER, VllmDied, VllmTimedOut, adapter_of
 
 __all__ = [
     "refuse_unservable",
+    "served_alternatives",
     "INT4_KERNEL",
     "INT8_KERNELS",
     "VLLM_CPU_BUILD_MISSING_OPS",
@@ -263,6 +264,37 @@ def unservable_reasons(checkpoint: str | Path, device: str = "cpu", kernels: Vll
             "rotations only (GSRModifier rotations R1, R2) on CPU, or use vLLM on a GPU"
         )
     return reasons
+
+
+def served_alternatives(checkpoint: str | Path, recipe: str | None = None) -> list[str]:
+    """What serves instead, for a checkpoint vLLM cannot serve (``unservable_reasons``
+    on CPU or GPU): the same rotation (``recipe``'s method, else gsr) in a setting
+    vLLM runs, and for 2- and 3-bit weights the GPTQ format, which transformers loads
+    with gptqmodel's packed kernels (vLLM 0.32 reads 4- and 8-bit GPTQ only)."""
+    config = json.loads((Path(checkpoint) / "config.json").read_text())
+    qconfig = config.get("quantization_config") or {}
+    method = (recipe or "gsr").split("_")[0]
+    if qconfig.get("quant_method") == "gptq":
+        bits = qconfig.get("bits")
+        out = [] if bits not in (2, 3) else [
+            f"this W{bits} GPTQ checkpoint loads in transformers with gptqmodel's packed kernels (`gsr eval`), "
+            "not in vLLM"]
+        return out + [f"`{method}_w4a16_g64_gptq` with --engine optimum and symmetric weights: 4-bit GPTQ that "
+                      "vLLM reads"]
+    groups = (qconfig.get("config_groups") or {}).values()
+    out = []
+    for bits in sorted({(g.get("weights") or {}).get("num_bits") for g in groups} & {2, 3}):
+        out.append(f"W{bits} kept: `gsr quantize --engine optimum` with the same recipe writes GPTQ-format W{bits} "
+                   "that transformers loads with gptqmodel's packed kernels (CPU and GPU; not vLLM)")
+    online = any(args["location"] not in ("weight_input", "weight_output")
+                 for scheme in ((qconfig.get("transform_config") or {}).get("config_groups") or {}).values()
+                 for args in scheme.get("apply", []))
+    if out or any(g.get("input_activations") for g in groups) or qconfig.get("kv_cache_scheme") or online:
+        out.append(f"`{method}_w4a16_g64_gptq`: the same offline rotation with int4 weights in groups of 64 "
+                   "(vLLM on CPU with AVX-512 and on GPU), or `gsr_w8a8_gptq` (int8, every CPU build)")
+    elif any((g.get("weights") or {}).get("num_bits") == 4 for g in groups):
+        out.append("`gsr_w8a8_gptq` (int8 weights and activations): vLLM serves it on every CPU build")
+    return out
 
 
 def refuse_unservable(checkpoint: str | Path, device: str = "cpu", python: Path | None = None) -> VllmKernels | None:

@@ -112,8 +112,28 @@ def test_quantize_does_not_claim_vllm_serves_w4a16_without_the_int4_kernel(tmp_p
     err = capsys.readouterr().err
     assert "cannot serve this checkpoint on this CPU" in err and INT4_KERNEL in err
     assert "vLLM can serve it" not in err and "GPU kernels take this setting" in err
+    assert "what serves instead" in err and "gsr_w8a8_gptq" in err
     _say_servability(ckpt, kernels_of("_C_AVX512"))
-    assert "vLLM can serve it on this CPU" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "vLLM can serve it on this CPU" in err and "what serves instead" not in err
+
+
+@pytest.mark.parametrize("bits", [2, 3])
+def test_quantize_names_what_serves_a_low_bit_checkpoint(tmp_path, capsys, bits):
+    from gsr_plugin.cli.main import _say_servability
+    from gsr_plugin.serving.rules import served_alternatives
+
+    ckpt = checkpoint(tmp_path, dict(W4G64, num_bits=bits, symmetric=False))
+    alternatives = served_alternatives(ckpt, f"frtq_w{bits}a16_g64_asym_gptq")
+    assert f"W{bits} kept: `gsr quantize --engine optimum`" in alternatives[0]
+    assert "`frtq_w4a16_g64_gptq`" in alternatives[1]
+    _say_servability(ckpt, kernels_of("_C_AVX512"), recipe=f"frtq_w{bits}a16_g64_asym_gptq")
+    err = capsys.readouterr().err
+    assert "what serves instead" in err and "gptqmodel's packed kernels" in err
+    (tmp_path / "gptq").mkdir()
+    gptq = gptq_checkpoint(tmp_path / "gptq", bits=bits, sym=False)
+    assert "gptqmodel's packed kernels" in served_alternatives(gptq)[0]
+    assert served_alternatives(checkpoint(tmp_path / "w4", W4G64, A8TOKEN))[0].startswith("`gsr_w4a16_g64_gptq`")
 
 
 @pytest.mark.parametrize("kv", [
