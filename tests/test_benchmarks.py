@@ -143,3 +143,32 @@ def test_frtq_against_gsr_is_a_win_only_beyond_the_spread(rotations, tmp_path):
     assert f"| {frtq} | 1 | learned | 0.04000 | 0.03000 | 1 of 2 | 1 gains, 1 overfits |" in guarded
     text = rotations.tables(tmp_path)
     assert "FRTQ against GSR, draw by draw" in text and "FRTQ's guard and evidence" in text
+
+
+def test_served_table_gives_ratios_to_bf16_in_the_same_engine(tmp_path):
+    import sys
+
+    spec = importlib.util.spec_from_file_location("bench_served", ROOT / "benchmarks" / "served.py")
+    served = importlib.util.module_from_spec(spec)
+    sys.modules["bench_served"] = served  # its dataclasses look their module up
+    spec.loader.exec_module(served)
+
+    def measured(engine, ppl, prefill, decode, rss, **extra):
+        return {"engine": engine, "ppl": ppl, "transformers_ppl": ppl * 1.001, "peak_rss_bytes": rss,
+                "speed": {"prefill_tokens_per_second": prefill, "decode_tokens_per_second": decode}, **extra}
+
+    vllm = dict(agrees=True)
+    report = {"command": "c", "windows": 10, "speed": served.SPEED, "rows": [
+        {"name": "bf16", "format": "bf16", "bits_per_weight": 16.0, "bytes": 270 * 2**20, "gpu": "g",
+         "served": measured("vLLM 0.32 (_C)", 20.0, 1000.0, 50.0, 2 * 2**30, **vllm),
+         "transformers": measured("transformers", 20.0, 500.0, 20.0, 2**30)},
+        {"name": "gsr w4a16 g64", "format": "compressed-tensors", "bits_per_weight": 4.25, "bytes": 150 * 2**20,
+         "gpu": "g", "served": measured("vLLM 0.32 (_C)", 22.0, 800.0, 60.0, 2**30, **vllm)},
+        {"name": "gsr gptq w3", "format": "GPTQ", "bits_per_weight": 3.5, "bytes": 140 * 2**20, "gpu": "refused",
+         "served": measured("transformers", 30.0, 250.0, 10.0, 2**29, kernel="TorchQuantLinear")},
+    ]}
+    text = served.table(report)
+    assert "| gsr w4a16 g64 | compressed-tensors | 4.25 | 150 | vLLM 0.32 (_C) | 22.00 (agrees) | 22.02 | 0.80 | 1.20 | 0.50 |" in text
+    assert "| gsr gptq w3 | GPTQ | 3.50 | 140 | transformers + TorchQuantLinear | 30.00 | 30.03 | 0.50 | 0.50 | 0.50 |" in text
+    served.plot(report, tmp_path / "served.png")
+    assert (tmp_path / "served.png").read_bytes()[:4] == b"\x89PNG"
