@@ -58,10 +58,10 @@ ROWS = [
 
 # what would load each on a CUDA GPU, read from vLLM 0.32's source (not run here)
 GPU_READ = {
-    "bf16": "unquantized (UnquantizedLinearMethod)",
-    "w4a16": "CompressedTensorsWNA16 (Marlin / Machete kernels)",
-    "w8a8": "CompressedTensorsW8A8Int8 (CUTLASS int8 scaled_mm)",
-    "gptq4": "AutoGPTQLinearMethod (Marlin), symmetric 4/8-bit only",
+    "bf16": "unquantized linears",
+    "w4a16": "CompressedTensorsWNA16: Marlin (sm75+; pads qkv, o_proj); Machete on sm90 where N % 128 = 0",
+    "w8a8": "CompressedTensorsW8A8Int8: CUTLASS int8 scaled_mm (sm75+)",
+    "gptq4": "AutoGPTQConfig (4, sym): Marlin, as W4A16",
     "gptq_low": "refused: AutoGPTQConfig takes (4, sym) and (8, sym) only",
 }
 
