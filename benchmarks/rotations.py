@@ -241,6 +241,9 @@ def a4_suite() -> list[RecipeSetting]:
         RecipeSetting("frtq", 4, 64, **w4, **a4, **rotated),
         RecipeSetting("frtq_full", 4, 64, **best),
     ]
+    out += [  # the dynamic KV4 alone without R3 (what the R3 row at W4A16 KV4 is read against)
+        RecipeSetting("gsr", 4, 64, **w4, **kv_dynamic),
+    ]
     return out
 
 
