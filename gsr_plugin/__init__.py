@@ -22,7 +22,7 @@ from gsr_plugin.modifiers.lowrank import LowRankModifier  # noqa: E402
 from gsr_plugin.modifiers.random import RandomRotationModifier  # noqa: E402
 from gsr_plugin.modifiers.standalone import rotate  # noqa: E402
 from gsr_plugin.quantizers import install as install_quantizers  # noqa: E402
-from gsr_plugin.transform import NATURAL_WALSH, SEQUENCY_WALSH, register_transform_types  # noqa: E402
+from gsr_plugin.transform import NATURAL_WALSH, SEQUENCY_WALSH, install_calibration_attention, register_transform_types  # noqa: E402
 
 __all__ = ["GSRModifier", "GSRRotation", "FRTQModifier", "LowRankModifier", "ActivationClipModifier", "RandomRotationModifier", "rotate", "SEQUENCY_WALSH", "NATURAL_WALSH", "register"]
 __version__ = "0.1.0"
@@ -40,6 +40,7 @@ def register() -> None:
     ModifierFactory.register("LowRankModifier", LowRankModifier)
     ModifierFactory.register("ActivationClipModifier", ActivationClipModifier)
     install_quantizers()
+    install_calibration_attention()
 
 
 register()

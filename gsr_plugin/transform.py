@@ -21,6 +21,8 @@ assumes the natural order without signs.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from compressed_tensors.transform import (
     HadamardFactory,
@@ -30,13 +32,14 @@ from compressed_tensors.transform import (
     TransformLocation,
     TransformScheme,
 )
-from compressed_tensors.modeling.attention import IMPL_ATTR, QuantizedAttentionImpl
+from compressed_tensors.modeling.attention import HOOKED_ATTENTION_NAME, IMPL_ATTR, QuantizedAttentionImpl
 from compressed_tensors.quantization.utils.helpers import KV_CACHE_TARGETS
 from compressed_tensors.transform.factory.base import TransformBase
 from compressed_tensors.transform.utils.matrix import get_transform_size
 from compressed_tensors.utils import get_execution_device, get_offloaded_device
 from torch import Tensor
 from torch.nn import Module, Parameter
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from gsr_plugin.learn.orthogonal import rotate_inputs
@@ -389,6 +392,46 @@ class BlockMatrixTransform(TransformBase):
 
     def forward(self, value: Tensor) -> Tensor:
         return fuse_into_weight(value, self.args, self.module_type, self._right_multiply)
+
+
+@contextlib.contextmanager
+def _eager_attention_keeping_hooks(model: Module):
+    """llm-compressor's ``use_eager_attention`` for its calibration passes, keeping
+    compressed-tensors' hooked attention where a model has it.
+
+    llm-compressor 0.14 runs every calibration forward with the config's attention
+    implementation set to ``eager`` (so that traced subgraphs hold an unconditional
+    causal-mask add). That bypasses the hooked attention, where an R3 rotates the
+    queries, while the key rotation (in the hooked KV cache) still runs: during
+    calibration every layer after the first attends with rotated keys and unrotated
+    queries, and GPTQ fits its weights to that (measured: W4 g64 GPTQ on the default
+    model, R1+R2 27.24, R1+R2+R3 34.30, though R3 is exact in float). Here the hooked
+    attention stays, with eager's mask (a tensor, as the traced graph expects), and
+    the original implementation under it."""
+    if model is None or getattr(getattr(model, "config", None), "_attn_implementation", None) != HOOKED_ATTENTION_NAME:
+        from llmcompressor.utils import helpers
+
+        with helpers._gsr_upstream_use_eager_attention(model):
+            yield
+        return
+    mask = ALL_MASK_ATTENTION_FUNCTIONS[HOOKED_ATTENTION_NAME]
+    ALL_MASK_ATTENTION_FUNCTIONS.register(HOOKED_ATTENTION_NAME, ALL_MASK_ATTENTION_FUNCTIONS["eager"])
+    try:
+        yield
+    finally:
+        ALL_MASK_ATTENTION_FUNCTIONS.register(HOOKED_ATTENTION_NAME, mask)
+
+
+def install_calibration_attention() -> None:
+    """Put ``_eager_attention_keeping_hooks`` in place of llm-compressor's
+    ``use_eager_attention`` (read by ``calibration_forward_context`` at each call).
+    Idempotent, also across reloads of this module: the upstream function is kept
+    once, on its own module."""
+    from llmcompressor.utils import helpers
+
+    if not hasattr(helpers, "_gsr_upstream_use_eager_attention"):
+        helpers._gsr_upstream_use_eager_attention = helpers.use_eager_attention
+    helpers.use_eager_attention = _eager_attention_keeping_hooks
 
 
 def register_transform_types() -> None:

@@ -243,3 +243,43 @@ def test_dynamic_kv_groups_are_each_tokens_head(load_tiny, calibration, tokens, 
         zero = torch.round(-low / scale).clamp(0, 15)
         reference = (torch.clamp(torch.round(x / scale) + zero, 0, 15) - zero) * scale
         assert torch.allclose(out, reference, atol=1e-5), (base, (out - reference).abs().max())
+
+
+def test_gptq_calibrates_on_the_same_attention_with_r3(load_tiny, calibration, monkeypatch):
+    """R3 is exact in float, so GPTQ must see the same linear inputs with it and give
+    the same weights. llm-compressor 0.14 calibrates under eager attention, which
+    bypasses the hooked attention where R3 rotates the queries while the keys are
+    still rotated; gsr_plugin keeps the hooked attention (``transform.
+    _eager_attention_keeping_hooks``). Both hooks run in every calibration pass."""
+    import compressed_tensors.modeling.attention as attention
+    import compressed_tensors.modeling.kvcache as kvcache
+    import compressed_tensors.transform.factory.base as factory_base
+    from llmcompressor.modifiers.quantization import GPTQModifier
+
+    from conftest import run_oneshot
+    from gsr_plugin import GSRModifier
+
+    counts = {"q": 0, "k": 0}
+
+    def counting(register, kind):
+        def wrapped(module, hook):
+            def counted(m, x):
+                counts[kind] += 1
+                return hook(m, x)
+            return register(module, counted)
+        return wrapped
+
+    monkeypatch.setattr(factory_base, "register_query_hook", counting(attention.register_query_hook, "q"))
+    monkeypatch.setattr(factory_base, "register_key_hook", counting(kvcache.register_key_hook, "k"))
+    weights = {"num_bits": 4, "type": "int", "symmetric": False, "strategy": "group", "group_size": 32}
+    quantized = {}
+    for rotations in (["R1", "R2"], ["R1", "R2", "R3"]):
+        gptq = GPTQModifier(config_groups={"g": {"targets": ["Linear"], "weights": weights}}, ignore=["lm_head"])
+        model = run_oneshot(load_tiny("llama", torch.float32), [GSRModifier(rotations=rotations, block_size=32), gptq],
+                            calibration)
+        quantized[len(rotations)] = {n: m.weight.detach().clone() for n, m in model.named_modules()
+                                     if isinstance(m, torch.nn.Linear) and n != "lm_head"}
+    assert counts["q"] == counts["k"] > 0  # calibration passes included
+    for name, weight in quantized[2].items():
+        changed = (quantized[3][name] != weight).float().mean().item()
+        assert changed < 0.01, (name, changed)  # float rounding may flip a rare GPTQ decision
