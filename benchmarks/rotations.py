@@ -259,6 +259,14 @@ def a4_draws_suite() -> list[RecipeSetting]:
             RecipeSetting("frtq", 4, 64, **best)]
 
 
+def a4_headline_suite() -> list[RecipeSetting]:
+    """The W4A4KV4 headline rows after R3's calibration fix (``transform.
+    _eager_attention_keeping_hooks``), for draws 1 and 2; their draw 0 is suite
+    ``a4_draws`` run with ``--seed 0`` (``a4_draws.json``)."""
+    rows = a4_draws_suite()
+    return [rows[2], rows[0], rows[3]]  # full-width R1, GSR, FRTQ (all with the clips)
+
+
 def sweep_suite() -> list[RecipeSetting]:
     """FRTQ's generalization, for three calibration draws (``--seed 0``, ``1``, ``2``):
     W3A16 g64 with every rotation FRTQ is compared with (natural order, FRTQ from a
@@ -277,9 +285,9 @@ def sweep_suite() -> list[RecipeSetting]:
 SUITES = {"main": main_suite, "online": online_suite, "bits": bits_suite, "blocks": blocks_suite,
           "activations": activations_suite, "frtq": frtq_suite, "frtq_more": frtq_more_suite,
           "lowrank": lowrank_suite, "engines": engines_suite, "fp4": fp4_suite, "a4": a4_suite,
-          "a4_draws": a4_draws_suite, "sweep": sweep_suite}
+          "a4_draws": a4_draws_suite, "a4_headline": a4_headline_suite, "sweep": sweep_suite}
 WINDOWS = {"main": None, "online": 20, "bits": 20, "blocks": 20, "activations": 20, "frtq": None, "frtq_more": 20,
-           "lowrank": 10, "engines": 10, "fp4": 20, "a4": 20, "a4_draws": 20, "sweep": 20}
+           "lowrank": 10, "engines": 10, "fp4": 20, "a4": 20, "a4_draws": 20, "a4_headline": 20, "sweep": 20}
 ENGINES = {"engines": ["llmcompressor", "optimum"]}
 
 
@@ -506,7 +514,7 @@ TABLES = {
 
 
 # suites run over several calibration draws: suite -> the suite holding its draw 0
-DRAWS = {"a4_draws": "a4", "sweep": "sweep"}
+DRAWS = {"a4_draws": "a4", "a4_headline": "a4_draws", "sweep": "sweep"}
 
 
 def draws_table(out: Path, suite: str, first: str) -> str | None:
