@@ -30,7 +30,7 @@ import torch
 
 from gsr_plugin.recipes import RecipeSetting, recipe_yaml
 
-SPEED = {"prompt_tokens": 512, "decode_tokens": 128, "repeats": 3}  # as gsr_plugin.serving.evaluate.SPEED
+from gsr_plugin.serving.evaluate import SPEED  # noqa: E402  (the served side times the same way)
 
 
 @dataclass(frozen=True)
