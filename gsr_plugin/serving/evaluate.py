@@ -31,7 +31,7 @@ from gsr_plugin.serving.agreement import Tolerance
 from gsr_plugin.serving.rules import refuse_unservable
 from gsr_plugin.serving.runner import VLLM_TIMEOUT_SECONDS, run_vllm, vllm_python
 
-__all__ = ["PIQA_CONTEXT", "SPEED", "piqa_requests", "token_logprobs", "mean_nll", "piqa_scores", "evaluate_served"]
+__all__ = ["PIQA_CONTEXT", "SPEED", "piqa_requests", "token_logprobs", "mean_nll", "piqa_scores", "evaluate_served", "served_table"]
 
 PIQA_CONTEXT = "Question: {goal}\nAnswer:"
 SPEED = {"prompt_tokens": 512, "decode_tokens": 128, "repeats": 3}  # batch 1
@@ -164,16 +164,13 @@ def served_table(reports: list[dict]) -> str:
     lines = ["| checkpoint | vLLM PPL | transformers PPL | NLL difference (allowed) | agrees | vLLM PIQA acc | "
              "transformers PIQA acc | prefill tok/s | decode tok/s | peak RSS MiB |", "|" + "---|" * 10]
     for r in reports:
-        w, p, s = r["wikitext2"], r.get("piqa"), r.get("speed") or {}
-        lines.append(
-            f"| {r['checkpoint']} | {w['vllm']:.3f} | {w['transformers']:.3f} | {w['nll_difference']:+.4f} "
-            f"({w['allowed']:.4f}) | {'yes' if w['agrees'] else 'NO'} | "
-            f"{p['vllm']['acc']:.4f} | {p['transformers']['acc']:.4f} | " if p else
-            f"| {r['checkpoint']} | {w['vllm']:.3f} | {w['transformers']:.3f} | {w['nll_difference']:+.4f} "
-            f"({w['allowed']:.4f}) | {'yes' if w['agrees'] else 'NO'} | - | - | "
-        )
-        lines[-1] += (f"{s['prefill_tokens_per_second']:.0f} | {s['decode_tokens_per_second']:.1f} | " if s else "- | - | ")
-        lines[-1] += f"{r['peak_rss_bytes'] / 2**20:.0f} |" if r.get("peak_rss_bytes") else "- |"
+        w, p, s = r["wikitext2"], r.get("piqa"), r.get("speed")
+        cells = [r["checkpoint"], f"{w['vllm']:.3f}", f"{w['transformers']:.3f}",
+                 f"{w['nll_difference']:+.4f} ({w['allowed']:.4f})", "yes" if w["agrees"] else "NO"]
+        cells += [f"{p['vllm']['acc']:.4f}", f"{p['transformers']['acc']:.4f}"] if p else ["-", "-"]
+        cells += [f"{s['prefill_tokens_per_second']:.0f}", f"{s['decode_tokens_per_second']:.1f}"] if s else ["-", "-"]
+        cells.append(f"{r['peak_rss_bytes'] / 2**20:.0f}" if r.get("peak_rss_bytes") else "-")
+        lines.append("| " + " | ".join(cells) + " |")
     w = reports[0]["wikitext2"]
     lines.append(f"(first {w['windows']} windows of {w['seq_len']}; vLLM in {reports[0]['dtype']}, transformers in "
                  f"{reports[0]['reference_dtype']}; allowed: serve-check's tolerance on the mean token NLL)")
