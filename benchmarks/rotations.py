@@ -282,12 +282,20 @@ def sweep_suite() -> list[RecipeSetting]:
     )
 
 
+def guard_suite() -> list[RecipeSetting]:
+    """FRTQ with its guard judging after GPTQ (``guard_quantizer: gptq``) at the sweep's
+    W3A16 g64 setting, against suite ``sweep``'s FRTQ (the guard on round to nearest)
+    of the same draw."""
+    return [RecipeSetting("frtq_gptqguard", 3, 64, symmetric=False)]
+
+
 SUITES = {"main": main_suite, "online": online_suite, "bits": bits_suite, "blocks": blocks_suite,
           "activations": activations_suite, "frtq": frtq_suite, "frtq_more": frtq_more_suite,
           "lowrank": lowrank_suite, "engines": engines_suite, "fp4": fp4_suite, "a4": a4_suite,
-          "a4_draws": a4_draws_suite, "a4_headline": a4_headline_suite, "sweep": sweep_suite}
+          "a4_draws": a4_draws_suite, "a4_headline": a4_headline_suite, "sweep": sweep_suite,
+          "guard": guard_suite}
 WINDOWS = {"main": None, "online": 20, "bits": 20, "blocks": 20, "activations": 20, "frtq": None, "frtq_more": 20,
-           "lowrank": 10, "engines": 10, "fp4": 20, "a4": 20, "a4_draws": 20, "a4_headline": 20, "sweep": 20}
+           "lowrank": 10, "engines": 10, "fp4": 20, "a4": 20, "a4_draws": 20, "a4_headline": 20, "sweep": 20, "guard": 20}
 ENGINES = {"engines": ["llmcompressor", "optimum"]}
 
 
@@ -514,7 +522,7 @@ TABLES = {
 
 
 # suites run over several calibration draws: suite -> the suite holding its draw 0
-DRAWS = {"a4_draws": "a4", "a4_headline": "a4_draws", "sweep": "sweep"}
+DRAWS = {"a4_draws": "a4", "a4_headline": "a4_draws", "sweep": "sweep", "guard": "guard"}
 
 
 def draws_table(out: Path, suite: str, first: str) -> str | None:
@@ -585,13 +593,14 @@ def guard_table(out: Path, suite: str, first: str) -> str | None:
                 continue
             verdicts = [row["verdict"] for row in guard.get("layers", [])]
             counts = ", ".join(f"{verdicts.count(v)} {v}" for v in dict.fromkeys(verdicts)) or "-"
-            lines.append(f"| {key} | {seed} | {guard['R1']} | {guard['R1_error']['init']:.5f} | "
+            judged = "GPTQ" if guard.get("quantizer") == "gptq" else "round to nearest"
+            lines.append(f"| {key} | {seed} | {judged} | {guard['R1']} | {guard['R1_error']['init']:.5f} | "
                          f"{guard['R1_error']['learned']:.5f} | {len(guard['R2_learned_layers'])} of "
                          f"{guard['R2_layers']} | {counts} |")
     if not lines:
         return None
-    return "\n".join(["| run | draw | R1 kept | R1 held-out error, init | learned | R2 learned | evidence per layer |",
-                      "|---|---|---|---|---|---|---|", *lines])
+    return "\n".join(["| run | draw | judged by | R1 kept | R1 held-out error, init | learned | R2 learned | "
+                      "evidence per layer |", "|---|---|---|---|---|---|---|---|", *lines])
 
 
 def tables(out: Path) -> str:

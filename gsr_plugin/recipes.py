@@ -45,6 +45,7 @@ METHODS: dict[str, str] = {
     "frtq_random": "FRTQ from a random orthogonal initialization (FRTQModifier init random)",
     "frtq_gsr": "FRTQ (GSR-initialized) first, then GSR on top",
     "frtq_full": "FRTQ with one full-width learned R1 (FRTQModifier structure full), GSR-initialized",
+    "frtq_gptqguard": "FRTQ whose guard judges the learned matrices after GPTQ (FRTQModifier guard_quantizer gptq)",
 }
 
 
@@ -251,6 +252,7 @@ def _rotation_modifiers(setting: RecipeSetting) -> dict:
         "frtq": {"FRTQModifier": ours},
         "frtq_random": {"FRTQModifier": {**ours, "init": "random"}},
         "frtq_full": {"FRTQModifier": {**ours, "structure": "full"}},
+        "frtq_gptqguard": {"FRTQModifier": {**ours, "guard_quantizer": "gptq"}},
         "frtq_gsr": {"FRTQModifier": ours, "GSRModifier": {**ours, "rotations": ["R1", "R2"]}},
     }[setting.method]
 

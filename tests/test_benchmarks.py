@@ -140,7 +140,7 @@ def test_frtq_against_gsr_is_a_win_only_beyond_the_spread(rotations, tmp_path):
     assert f"| {frtq} | 0.900 | 0.927 | 0.913 | wins |" in table
     assert f"| {frtq4} | 0.967 | 1.051 | 1.009 | ties |" in table
     guarded = rotations.guard_table(tmp_path, "sweep", "sweep")
-    assert f"| {frtq} | 1 | learned | 0.04000 | 0.03000 | 1 of 2 | 1 gains, 1 overfits |" in guarded
+    assert f"| {frtq} | 1 | round to nearest | learned | 0.04000 | 0.03000 | 1 of 2 | 1 gains, 1 overfits |" in guarded
     text = rotations.tables(tmp_path)
     assert "FRTQ against GSR, draw by draw" in text and "FRTQ's guard and evidence" in text
 

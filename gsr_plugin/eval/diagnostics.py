@@ -334,7 +334,8 @@ def _guard_lines(guard: dict | None) -> list[str]:
     initialization and of the learned matrix, per rotation, and what was kept."""
     if not guard:
         return []
-    lines = ["", "FRTQ guard: held-out quantized output error (initialization, learned), and what was kept", "",
+    judged = "GPTQ" if guard.get("quantizer") == "gptq" else "round to nearest"
+    lines = ["", f"FRTQ guard: held-out quantized output error ({judged}; initialization, learned), and what was kept", "",
              "| rotation | init | learned | kept |", "|---|---|---|---|",
              f"| R1 | {guard['R1_error']['init']:.5f} | {guard['R1_error']['learned']:.5f} | {guard['R1']} |"]
     learned_layers = set(guard.get("R2_learned_layers", []))
@@ -345,16 +346,19 @@ def _guard_lines(guard: dict | None) -> list[str]:
         lines.append(f"| learned clips | | | {guard['clips_kept']} of {guard['clips']} |")
     rows = guard.get("layers")
     if rows:
+        gptq = all("held_out_gptq" in row for row in rows)
         counts = Counter(row["verdict"] for row in rows)
         lines += ["", "FRTQ evidence per layer: quantized output error of the initialization and of the learned "
                   "R1/R2, on the tokens learning saw and on held-out ones ("
                   + ", ".join(f"{counts[v]} {v}" for v in VERDICTS if counts[v]) + ")", "",
-                  "| layer | seen init | seen learned | held-out init | held-out learned | verdict |",
-                  "|---|---|---|---|---|---|"]
+                  "| layer | seen init | seen learned | held-out init | held-out learned | "
+                  + ("held-out after GPTQ init | learned | " if gptq else "") + "verdict |",
+                  "|---|---|---|---|---|" + ("---|---|" if gptq else "") + "---|"]
         for layer, row in enumerate(rows):
             seen, held = row["seen"], row["held_out"]
+            after = f"{row['held_out_gptq']['init']:.5f} | {row['held_out_gptq']['learned']:.5f} | " if gptq else ""
             lines.append(f"| {layer} | {seen['init']:.5f} | {seen['learned']:.5f} | {held['init']:.5f} | "
-                         f"{held['learned']:.5f} | {row['verdict']} |")
+                         f"{held['learned']:.5f} | {after}{row['verdict']} |")
         lines += [""] + [f"- {v}: {meaning}" for v, meaning in VERDICTS.items()]
     return lines
 

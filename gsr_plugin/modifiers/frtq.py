@@ -94,6 +94,12 @@ class FRTQModifier(GSRModifier):
         (``learn.guard.evidence``: the learned matrices' error on the learning tokens
         and on held-out ones, and whether they gain, overfit, or the objective
         disagrees). Needs oneshot's dataset (skipped, with a warning, without one)
+    :param guard_quantizer: how the guard quantizes the weights it judges: ``rtn``
+        (round to nearest, as the objective sees them) or ``gptq`` (GPTQ calibrated on
+        the learning tokens, ``learn.gptq``: judges a rotation by what the GPTQModifier
+        after it makes of it; the evidence then also gives the held-out error after
+        GPTQ per layer, and the verdict ``GPTQ absorbs it``). Slower: one GPTQ of the
+        sampled rows per linear and candidate
     :param learn_clip: also learn a clip ratio for each activation input the rotations
         change (each layer's attention input, MLP input and o_proj input), in
         alternating updates with R1/R2 on the clipped objective (the clipped grid's
@@ -125,6 +131,7 @@ class FRTQModifier(GSRModifier):
     weight_symmetric: bool | None = Field(default=None)
     activation_bits: int | None = Field(default=None, ge=1, le=16)
     guard: bool = Field(default=True)
+    guard_quantizer: Literal["rtn", "gptq"] = Field(default="rtn")
     learn_clip: bool = Field(default=False)
     clip_floor: float = Field(default=0.5, gt=0, lt=1)
     holdout_tokens: int = Field(default=128, ge=1)
@@ -316,10 +323,13 @@ class FRTQModifier(GSRModifier):
                                  learn_clip=self.learn_clip, clip_floor=self.clip_floor)
         if held_out is not None:
             start = time.perf_counter()
-            layers = evidence(seen, held_out, r1_init, result.r1, r2_init, result.r2)
-            decision = guard_rotations(held_out, r1_init, result.r1, r2_init, result.r2)
+            after_gptq = self.guard_quantizer == "gptq" and self._weight_grid is not None
+            layers = evidence(seen, held_out, r1_init, result.r1, r2_init, result.r2, after_gptq=after_gptq)
+            decision = guard_rotations(held_out, r1_init, result.r1, r2_init, result.r2,
+                                       calibrated_on=seen if after_gptq else None)
             result.r1, result.r2 = decision.r1, decision.r2
-            self._guarded = decision.record() | {"layers": _rounded(layers)}
+            self._guarded = decision.record() | {"quantizer": "gptq" if after_gptq else "rtn",
+                                                 "layers": _rounded(layers)}
             verdicts = Counter(row["verdict"] for row in layers)
             logger.info("FRTQ evidence per layer (quantized output error, learning vs held-out tokens): "
                         + ", ".join(f"{n} {v}" for v, n in verdicts.items()))

@@ -7,7 +7,7 @@ import torch
 
 from conftest import run_oneshot
 from gsr_plugin.learn.frtq import FRTQProblem, Grid, LayerWeights, initial_blocks
-from gsr_plugin.learn.guard import evidence, guard, layer_errors, quantized_output_error
+from gsr_plugin.learn.guard import VERDICTS, evidence, guard, layer_errors, quantized_output_error
 from gsr_plugin.learn.orthogonal import rotate_inputs
 
 GRID = {"weight_bits": 4, "weight_group_size": 32, "weight_symmetric": False, "activation_bits": 4}
@@ -128,3 +128,57 @@ def test_frtq_keeps_gsrs_r1_where_learning_hurts(load_tiny, calibration, tmp_pat
             assert torch.allclose(r2[name], r2_free[name], atol=1e-12)
         else:
             assert torch.allclose(r2[name], walsh, atol=1e-12)
+
+
+def mixed_problem(noise_seed: int) -> FRTQProblem:
+    """Weight-only W3 g32, inputs with correlated channels (a fixed mixing), one layer;
+    ``noise_seed`` draws the tokens (same mixing and weights: seen or held out)."""
+    gen = torch.Generator().manual_seed(0)
+    mix = torch.randn(64, 64, generator=gen)
+    weights = [LayerWeights(
+        readers=torch.randn(32, 64, generator=gen), v=torch.randn(32, 64, generator=gen),
+        o=torch.randn(64, 64, generator=gen), o_blocks=torch.arange(2), down=torch.randn(64, 128, generator=gen),
+        down_blocks=torch.arange(2), attention_readers=16)]
+    tokens = torch.Generator().manual_seed(noise_seed)
+    return FRTQProblem(stream=torch.randn(192, 64, generator=tokens) @ mix,
+                       o_inputs=[torch.randn(96, 4, 16, generator=tokens)], layers=weights,
+                       activation_grid=None, weight_grid=Grid(3, False, 32))
+
+
+def test_the_gptq_guard_keeps_the_start_where_gptq_absorbs_the_learned_gain():
+    """A rotation with a lower round-to-nearest error than GSR's on held-out tokens
+    (the RTN guard takes it) but a higher error once GPTQ, calibrated on the seen
+    tokens, has corrected the rounding: the GPTQ guard keeps GSR's, and the evidence
+    says ``GPTQ absorbs it``. The errors are layer_errors' with GPTQ written out."""
+    from gsr_plugin.learn.gptq import gptq, grid_rounding, hessian
+
+    seen, held = mixed_problem(0), mixed_problem(99)
+    gsr = initial_blocks("gsr", 32, 64, 32, seed=0)
+    # a rotation found by a seeded search: lower RTN error, higher GPTQ error
+    learned = torch.linalg.qr(torch.randn(2, 32, 32, generator=torch.Generator().manual_seed(17)).double())[0]
+    rtn = guard(held, gsr, learned)
+    assert rtn.r1_learned and rtn.r1_error["learned"] < rtn.r1_error["init"]
+    after = guard(held, gsr, learned, calibrated_on=seen)
+    assert not after.r1_learned and torch.equal(after.r1, gsr.double())
+    assert after.r1_error["learned"] > after.r1_error["init"]
+    verdicts = evidence(seen, held, gsr, learned, after_gptq=True)
+    assert [row["verdict"] for row in verdicts] == ["GPTQ absorbs it"]
+    assert [row["verdict"] for row in evidence(seen, held, gsr, learned)] == ["gains"]
+    # v_proj's error after GPTQ, written out: GPTQ with the seen tokens' Hessian in the rotated basis
+    x_seen, x_held = (rotate_inputs(p.stream[:96].double(), learned) for p in (seen, held))
+    v = rotate_inputs(seen.layers[0].v.double(), learned)
+    q = gptq(v, hessian(x_seen), grid_rounding(v, 3, False, 32))
+    direct = ((x_held @ (q - v).T).norm() ** 2 / (x_held @ v.T).norm() ** 2).item()
+    assert layer_errors(held, learned, None, calibrated_on=seen)[0]["v_proj"] == pytest.approx(direct, rel=1e-9)
+
+
+def test_frtq_records_the_gptq_guard(load_tiny, calibration):
+    from gsr_plugin import FRTQModifier
+
+    modifier = FRTQModifier(steps=5, tokens=32, guard_quantizer="gptq", **GRID)
+    run_oneshot(load_tiny("llama", torch.float32), [modifier], calibration)
+    record = modifier.learned["guard"]
+    assert record["quantizer"] == "gptq"
+    assert all("held_out_gptq" in row and row["verdict"] in VERDICTS for row in record["layers"])
+    with pytest.raises(ValueError, match="guard_quantizer"):
+        FRTQModifier(guard_quantizer="mse")
