@@ -70,11 +70,44 @@ def bytes_on_disk(path: Path) -> int:
     return sum(p.stat().st_size for p in path.glob("*.safetensors"))
 
 
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "I64": 8, "I32": 4, "BF16": 2, "F16": 2, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+                "F8_E4M3": 1}
+
+
+def checkpoint_size(path: Path) -> dict:
+    """What the weights take: ``bytes`` on disk; ``bytes_16bit``, the same with every
+    float32 tensor at 2 bytes (the default model's source is float32, so its
+    quantized checkpoints keep float32 embeddings, norms and scales where a bf16
+    source keeps bf16); ``lm_head``: ``tied`` to the embedding or its ``own`` matrix
+    (R1 unties them: the final norm's scale is fused into lm_head only)."""
+    import math
+
+    from safetensors import safe_open
+
+    total = sixteen = 0
+    names = set()
+    for file in path.glob("*.safetensors"):
+        with safe_open(str(file), "pt") as f:
+            for name in f.keys():
+                view = f.get_slice(name)
+                count = math.prod(view.get_shape())
+                size = _DTYPE_BYTES[view.get_dtype()]
+                total += count * size
+                sixteen += count * (2 if view.get_dtype() == "F32" else size)
+                names.add(name)
+    return {"bytes": bytes_on_disk(path), "bytes_16bit": bytes_on_disk(path) - total + sixteen,
+            "lm_head": "own" if any(n.startswith("lm_head.") for n in names) else "tied"}
+
+
+def checkpoint_dir(work: Path, name: str) -> Path:
+    return work / name.replace(" ", "_").replace("(", "").replace(")", "")
+
+
 def make_checkpoint(row: Row, work: Path, calib_samples: int) -> Path:
     from gsr_plugin.cli.quantize import quantize
     from gsr_plugin.eval.models import resolve_model
 
-    out = work / row.name.replace(" ", "_").replace("(", "").replace(")", "")
+    out = checkpoint_dir(work, row.name)
     if (out / "config.json").is_file():
         return out
     if row.setting is None:  # the model as served in 16-bit
@@ -190,7 +223,7 @@ def run(args) -> dict:
                  ("compressed-tensors" if s else "bf16"),
                  "bits_per_weight": round(bits_per_weight(config, s.weight_bits, s.group_size, s.symmetric), 3)
                  if s else 16.0,
-                 "bytes": bytes_on_disk(checkpoint), "gpu": gpu_method(row), "quantize_seconds": round(quantize_seconds)}
+                 **checkpoint_size(checkpoint), "gpu": gpu_method(row), "quantize_seconds": round(quantize_seconds)}
         reasons = unservable_reasons(checkpoint, "cpu", kernels)
         entry["vllm_cpu"] = "serves" if not reasons else "; ".join(reasons)
         entry["served"] = vllm_row(checkpoint, args.windows) if not reasons else transformers_row(checkpoint, args.windows)
@@ -211,9 +244,10 @@ def table(report: dict) -> str:
     lines = [f"Command: `{report['command']}`; perplexity on the first {report['windows']} windows of 2048 "
              f"(float 16-bit model in the first row); speed at batch 1, prompt {report['speed']['prompt_tokens']} "
              f"tokens, {report['speed']['decode_tokens']} decoded; ratios to the bf16 model in the same engine.", "",
-             "| checkpoint | format | bits / weight | MiB on disk | runs on this CPU | served PPL | transformers PPL | "
-             "prefill x bf16 | decode x bf16 | peak memory x bf16 | GPU (vLLM 0.32, read) |",
-             "|" + "---|" * 11]
+             "| checkpoint | format | bits / weight | MiB on disk | MiB, 16-bit rest | lm_head | runs on this CPU | "
+             "served PPL | transformers PPL | prefill x bf16 | decode x bf16 | peak memory x bf16 | "
+             "GPU (vLLM 0.32, read) |",
+             "|" + "---|" * 13]
     for r in rows:
         served = r["served"]
         engine = "transformers" if served["engine"] == "transformers" else "vllm"
@@ -229,7 +263,8 @@ def table(report: dict) -> str:
         where = served["engine"] if engine == "vllm" else f"transformers + {served.get('kernel') or 'dense'}"
         agree = "" if engine != "vllm" else (" (agrees)" if served["agrees"] else " (DISAGREES)")
         lines.append(
-            f"| {r['name']} | {r['format']} | {r['bits_per_weight']:.2f} | {r['bytes'] / 2**20:.0f} | {where} | "
+            f"| {r['name']} | {r['format']} | {r['bits_per_weight']:.2f} | {r['bytes'] / 2**20:.0f} | "
+            f"{r['bytes_16bit'] / 2**20:.0f} | {r['lm_head']} | {where} | "
             f"{served['ppl']:.2f}{agree} | {served['transformers_ppl']:.2f} | "
             f"{ratio('speed', 'prefill_tokens_per_second')} | {ratio('speed', 'decode_tokens_per_second')} | "
             f"{ratio('peak_rss_bytes')} | {r['gpu']} |")
@@ -260,11 +295,11 @@ def plot(report: dict, path: Path) -> None:
         engine = "transformers" if served["engine"] == "transformers" else "vllm"
         ref = (base.get("transformers") if engine == "transformers" else base["served"]) if base else None
         speed = (served["speed"]["decode_tokens_per_second"] / ref["speed"]["decode_tokens_per_second"]) if ref else None
-        x, y = r["bytes"] / 2**20, served["ppl"]
+        x, y = r["bytes_16bit"] / 2**20, served["ppl"]
         ax.scatter(x, y, marker="o" if engine == "vllm" else "s", color="C0" if engine == "vllm" else "C1")
         ax.annotate(f"{r['name']}" + (f"\n{speed:.2f}x decode" if speed else ""), (x, y), fontsize=7,
                     xytext=(4, 4), textcoords="offset points")
-    ax.set_xlabel("checkpoint MiB on disk")
+    ax.set_xlabel("checkpoint MiB (float32 tensors counted at 16 bits)")
     ax.set_ylabel(f"WikiText-2 PPL as served ({report['windows']} windows)")
     ax.set_yscale("log")
     ax.set_title("Served: vLLM (circles), transformers + gptqmodel (squares)")
@@ -289,6 +324,11 @@ if __name__ == "__main__":
         sys.exit(0)
     out = Path(args.out)
     report = run(args) if not args.tables else json.loads((out / "served.json").read_text())
+    for entry in report["rows"]:  # rows measured before the sizes were recorded: from their checkpoints
+        folder = checkpoint_dir(Path(args.work), entry["name"])
+        if "bytes_16bit" not in entry and folder.is_dir():
+            entry.update(checkpoint_size(folder))
+    (out / "served.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "served.md").write_text(table(report))
     plot(report, out / "served.png")
     print(table(report))

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from gsr_plugin.cli.compare import run_key
@@ -159,16 +160,36 @@ def test_served_table_gives_ratios_to_bf16_in_the_same_engine(tmp_path):
 
     vllm = dict(agrees=True)
     report = {"command": "c", "windows": 10, "speed": served.SPEED, "rows": [
-        {"name": "bf16", "format": "bf16", "bits_per_weight": 16.0, "bytes": 270 * 2**20, "gpu": "g",
+        {"name": "bf16", "format": "bf16", "bits_per_weight": 16.0, "bytes": 270 * 2**20, "bytes_16bit": 270 * 2**20,
+         "lm_head": "tied", "gpu": "g",
          "served": measured("vLLM 0.32 (_C)", 20.0, 1000.0, 50.0, 2 * 2**30, **vllm),
          "transformers": measured("transformers", 20.0, 500.0, 20.0, 2**30)},
         {"name": "gsr w4a16 g64", "format": "compressed-tensors", "bits_per_weight": 4.25, "bytes": 150 * 2**20,
-         "gpu": "g", "served": measured("vLLM 0.32 (_C)", 22.0, 800.0, 60.0, 2**30, **vllm)},
-        {"name": "gsr gptq w3", "format": "GPTQ", "bits_per_weight": 3.5, "bytes": 140 * 2**20, "gpu": "refused",
+         "bytes_16bit": 100 * 2**20, "lm_head": "own", "gpu": "g",
+         "served": measured("vLLM 0.32 (_C)", 22.0, 800.0, 60.0, 2**30, **vllm)},
+        {"name": "gsr gptq w3", "format": "GPTQ", "bits_per_weight": 3.5, "bytes": 140 * 2**20, "bytes_16bit": 90 * 2**20,
+         "lm_head": "own", "gpu": "refused",
          "served": measured("transformers", 30.0, 250.0, 10.0, 2**29, kernel="TorchQuantLinear")},
     ]}
     text = served.table(report)
-    assert "| gsr w4a16 g64 | compressed-tensors | 4.25 | 150 | vLLM 0.32 (_C) | 22.00 (agrees) | 22.02 | 0.80 | 1.20 | 0.50 |" in text
-    assert "| gsr gptq w3 | GPTQ | 3.50 | 140 | transformers + TorchQuantLinear | 30.00 | 30.03 | 0.50 | 0.50 | 0.50 |" in text
+    assert ("| gsr w4a16 g64 | compressed-tensors | 4.25 | 150 | 100 | own | vLLM 0.32 (_C) | 22.00 (agrees) | 22.02 | "
+            "0.80 | 1.20 | 0.50 |") in text
+    assert ("| gsr gptq w3 | GPTQ | 3.50 | 140 | 90 | own | transformers + TorchQuantLinear | 30.00 | 30.03 | 0.50 | "
+            "0.50 | 0.50 |") in text
     served.plot(report, tmp_path / "served.png")
     assert (tmp_path / "served.png").read_bytes()[:4] == b"\x89PNG"
+
+    # sizes from a checkpoint's tensors: float32 ones counted again at 2 bytes; lm_head its own or tied
+    from safetensors.torch import save_file
+
+    tensors = {"model.embed_tokens.weight": torch.zeros(10, 8), "model.layers.0.mlp.weight_packed": torch.zeros(
+        4, 2, dtype=torch.int32), "model.norm.weight": torch.zeros(8, dtype=torch.bfloat16)}
+    (tmp_path / "tied").mkdir()
+    save_file(tensors, tmp_path / "tied" / "model.safetensors")
+    size = served.checkpoint_size(tmp_path / "tied")
+    on_disk = (tmp_path / "tied" / "model.safetensors").stat().st_size
+    assert size == {"bytes": on_disk, "bytes_16bit": on_disk - 80 * 2, "lm_head": "tied"}
+    (tmp_path / "own").mkdir()
+    save_file({**tensors, "lm_head.weight": torch.zeros(10, 8)}, tmp_path / "own" / "model.safetensors")
+    size = served.checkpoint_size(tmp_path / "own")
+    assert size["lm_head"] == "own" and size["bytes"] - size["bytes_16bit"] == 160 * 2
