@@ -20,6 +20,7 @@ import argparse
 import json
 import resource
 import shlex
+import statistics
 import subprocess
 import sys
 import time
@@ -181,9 +182,29 @@ def vllm_row(checkpoint: Path, windows: int) -> dict:
 
     report = evaluate_served(checkpoint, windows, progress=False)
     w = report["wikitext2"]
-    return {"engine": f"vLLM {report['vllm']} ({report['kernels']})", "ppl": w["vllm"], "transformers_ppl": w["transformers"],
+    return {"engine": report["kernels"] or f"vLLM {report['vllm']}", "ppl": w["vllm"], "transformers_ppl": w["transformers"],
             "agrees": w["agrees"], "nll_difference": w["nll_difference"], "allowed": w["allowed"],
             "speed": report["speed"], "peak_rss_bytes": report["peak_rss_bytes"], "load_seconds": report["load_seconds"]}
+
+
+def speed_pairs(a: Path, b: Path, rounds: int) -> dict:
+    """vLLM's speed of checkpoint ``a`` against ``b``, measured in turn (a b a b ...),
+    each in a fresh vLLM process (SPEED's prompt and decode, best of its repeats), and
+    the ratios a / b pair by pair: what a difference between them has to beat."""
+    from transformers import AutoTokenizer
+
+    from gsr_plugin.eval.data import wikitext2_test_text
+    from gsr_plugin.serving.runner import run_vllm
+
+    ids = AutoTokenizer.from_pretrained(a)(wikitext2_test_text(None)[:20000]).input_ids[: SPEED["prompt_tokens"]]
+    request = {"prompt_ids": ids, "decode_tokens": SPEED["decode_tokens"], "repeats": SPEED["repeats"]}
+    ratios = {"prefill": [], "decode": []}
+    for _ in range(rounds):
+        pair = [run_vllm(str(c), "bfloat16", [], [], 1, speed=request)["speed"] for c in (a, b)]
+        for kind in ratios:
+            key = f"{kind}_tokens_per_second"
+            ratios[kind].append(pair[0][key] / pair[1][key])
+    return {"a": a.name, "b": b.name, "rounds": rounds, "ratios": ratios}
 
 
 def gpu_method(row: Row) -> str:
@@ -208,7 +229,7 @@ def run(args) -> dict:
     previous = json.loads(out_json.read_text()) if args.resume and out_json.is_file() else {}
     done = {r["name"]: r for r in previous.get("rows", [])}
     report = {"command": command, "windows": args.windows, "calib_samples": args.calib_samples, "speed": SPEED,
-              "rows": []}
+              "rows": [], **({"pairs": previous["pairs"]} if "pairs" in previous else {})}
     config = AutoConfig.from_pretrained(resolve_model("default"))
     kernels = local_vllm_kernels()
     for row in ROWS[: args.limit]:
@@ -268,6 +289,12 @@ def table(report: dict) -> str:
             f"{served['ppl']:.2f}{agree} | {served['transformers_ppl']:.2f} | "
             f"{ratio('speed', 'prefill_tokens_per_second')} | {ratio('speed', 'decode_tokens_per_second')} | "
             f"{ratio('peak_rss_bytes')} | {r['gpu']} |")
+    for pair in report.get("pairs", []):
+        ratio = lambda kind: sorted(pair["ratios"][kind])  # noqa: E731
+        text = ", ".join(f"{kind} {statistics.median(ratio(kind)):.2f} ({ratio(kind)[0]:.2f}-{ratio(kind)[-1]:.2f})"
+                         for kind in ("prefill", "decode"))
+        lines += ["", f"{pair['a']} / {pair['b']} in vLLM, {pair['rounds']} alternating runs (median, min-max): {text} "
+                  f"(`{pair['command']}`)."]
     if base:
         lines += ["", f"bf16 in vLLM: prefill {base['served']['speed']['prefill_tokens_per_second']:.0f} tokens/s, "
                   f"decode {base['served']['speed']['decode_tokens_per_second']:.1f} tokens/s, peak "
@@ -317,13 +344,22 @@ if __name__ == "__main__":
     parser.add_argument("--limit", type=int, default=None, help="only the first N rows (in priority order)")
     parser.add_argument("--resume", action="store_true", help="keep the rows already in served.json")
     parser.add_argument("--tables", action="store_true", help="only rewrite served.md and served.png")
+    parser.add_argument("--pair", nargs=2, metavar=("A", "B"), default=None,
+                        help="only time two rows' checkpoints in vLLM in turn (A B A B ...): the ratios A / B")
+    parser.add_argument("--rounds", type=int, default=3, help="with --pair: how many A B rounds")
     parser.add_argument("--measure-transformers", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.measure_transformers:
         print(json.dumps(measure_transformers(args.measure_transformers)))
         sys.exit(0)
     out = Path(args.out)
-    report = run(args) if not args.tables else json.loads((out / "served.json").read_text())
+    if args.pair:
+        report = json.loads((out / "served.json").read_text())
+        pair = speed_pairs(*(checkpoint_dir(Path(args.work), name) for name in args.pair), args.rounds)
+        pair["command"] = "python benchmarks/served.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+        report["pairs"] = [p for p in report.get("pairs", []) if (p["a"], p["b"]) != (pair["a"], pair["b"])] + [pair]
+    else:
+        report = run(args) if not args.tables else json.loads((out / "served.json").read_text())
     for entry in report["rows"]:  # rows measured before the sizes were recorded: from their checkpoints
         folder = checkpoint_dir(Path(args.work), entry["name"])
         if "bytes_16bit" not in entry and folder.is_dir():

@@ -170,8 +170,11 @@ def test_served_table_gives_ratios_to_bf16_in_the_same_engine(tmp_path):
         {"name": "gsr gptq w3", "format": "GPTQ", "bits_per_weight": 3.5, "bytes": 140 * 2**20, "bytes_16bit": 90 * 2**20,
          "lm_head": "own", "gpu": "refused",
          "served": measured("transformers", 30.0, 250.0, 10.0, 2**29, kernel="TorchQuantLinear")},
-    ]}
+    ], "pairs": [{"a": "gsr_w4a16_g64", "b": "none_w4a16_g64", "rounds": 3, "command": "c2",
+                  "ratios": {"prefill": [1.0, 0.9, 1.2], "decode": [1.05, 0.95, 1.0]}}]}
     text = served.table(report)
+    assert ("gsr_w4a16_g64 / none_w4a16_g64 in vLLM, 3 alternating runs (median, min-max): prefill 1.00 (0.90-1.20), "
+            "decode 1.00 (0.95-1.05) (`c2`).") in text
     assert ("| gsr w4a16 g64 | compressed-tensors | 4.25 | 150 | 100 | own | vLLM 0.32 (_C) | 22.00 (agrees) | 22.02 | "
             "0.80 | 1.20 | 0.50 |") in text
     assert ("| gsr gptq w3 | GPTQ | 3.50 | 140 | 90 | own | transformers + TorchQuantLinear | 30.00 | 30.03 | 0.50 | "
