@@ -200,7 +200,7 @@ def speed_pairs(a: Path, b: Path, rounds: int) -> dict:
     request = {"prompt_ids": ids, "decode_tokens": SPEED["decode_tokens"], "repeats": SPEED["repeats"]}
     ratios = {"prefill": [], "decode": []}
     for _ in range(rounds):
-        pair = [run_vllm(str(c), "bfloat16", [], [], 1, speed=request)["speed"] for c in (a, b)]
+        pair = [run_vllm(str(c), "bfloat16", [], [], 1, speed=request, context=2048)["speed"] for c in (a, b)]
         for kind in ratios:
             key = f"{kind}_tokens_per_second"
             ratios[kind].append(pair[0][key] / pair[1][key])
