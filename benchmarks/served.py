@@ -307,8 +307,10 @@ def table(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(report: dict, path: Path) -> None:
-    """Perplexity against MiB on disk, each point labelled with its decode speed ratio."""
+def plot(report: dict, path: Path, ceiling: float = 100.0) -> None:
+    """Perplexity against MiB (float32 tensors at 16 bits), each point numbered, the
+    numbers listed with the decode speed ratio; rows above ``ceiling`` are named in
+    the title instead (they would flatten the rest)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -316,20 +318,27 @@ def plot(report: dict, path: Path) -> None:
 
     rows = report["rows"]
     base = next((r for r in rows if r["name"] == "bf16"), None)
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for r in rows:
+    fig, (ax, key) = plt.subplots(1, 2, figsize=(10, 4.5), gridspec_kw={"width_ratios": [3, 2]})
+    legend, off = [], []
+    for number, r in enumerate(rows, 1):
         served = r["served"]
         engine = "transformers" if served["engine"] == "transformers" else "vllm"
         ref = (base.get("transformers") if engine == "transformers" else base["served"]) if base else None
         speed = (served["speed"]["decode_tokens_per_second"] / ref["speed"]["decode_tokens_per_second"]) if ref else None
-        x, y = r["bytes_16bit"] / 2**20, served["ppl"]
+        where = "transformers + gptqmodel" if engine == "transformers" else "vLLM"
+        legend.append(f"{number}  {r['name']}: {where}" + (f", {speed:.2f}x decode" if speed else ""))
+        if served["ppl"] > ceiling:
+            off.append(f"{number} ({served['ppl']:.0f})")
+            continue
+        x, y = r.get("bytes_16bit", r["bytes"]) / 2**20, served["ppl"]
         ax.scatter(x, y, marker="o" if engine == "vllm" else "s", color="C0" if engine == "vllm" else "C1")
-        ax.annotate(f"{r['name']}" + (f"\n{speed:.2f}x decode" if speed else ""), (x, y), fontsize=7,
-                    xytext=(4, 4), textcoords="offset points")
+        ax.annotate(str(number), (x, y), fontsize=8, xytext=(3, 3 + 7 * (number % 3)), textcoords="offset points")
     ax.set_xlabel("checkpoint MiB (float32 tensors counted at 16 bits)")
     ax.set_ylabel(f"WikiText-2 PPL as served ({report['windows']} windows)")
-    ax.set_yscale("log")
-    ax.set_title("Served: vLLM (circles), transformers + gptqmodel (squares)")
+    ax.set_title("vLLM (circles), transformers + gptqmodel (squares)" + (f"\noff the chart: {', '.join(off)}" if off else ""),
+                 fontsize=9)
+    key.axis("off")
+    key.text(0, 1, "\n".join(legend), va="top", fontsize=8, family="monospace")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
