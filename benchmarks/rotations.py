@@ -276,7 +276,7 @@ def sweep_suite() -> list[RecipeSetting]:
     a4 = dict(symmetric=False, activation_bits=4, kv_bits=4, kv_dynamic=True, online_r3=True, online_r4=True,
               activation_clip=0.9, kv_clip=0.95)
     return (
-        [RecipeSetting(m, 3, 64, **w3) for m in ("gsr", "frtq", "none", "natural", "frtq_random", "frtq_gsr")]
+        [RecipeSetting(m, 3, 64, **w3) for m in ("gsr", "frtq", "frtq_random", "frtq_gsr", "natural", "none")]
         + [RecipeSetting(m, 4, None, **ch) for m in ("gsr", "frtq", "none")]
         + [RecipeSetting(m, 4, 64, **a4) for m in ("gsr", "frtq")]
     )
