@@ -12,7 +12,8 @@ and weight ``W`` in the rotated basis,
 learning tokens), ``Q_w`` is GPTQ instead (``gsr_plugin.learn.gptq``: the rounding
 error of each column corrected on the later ones, with the Hessian of those tokens
 in the same rotated basis), so a rotation is judged by what the quantizer that
-follows it makes of it, on tokens GPTQ did not see either. R1 is judged on every layer at
+follows it makes of it, on tokens GPTQ did not see either (down_proj, whose inputs are
+not cached, keeps its round-to-nearest weight error). R1 is judged on every layer at
 once (it is one matrix): the mean of ``e`` over the readers of the stream (q, k, v,
 the MLP inputs), o_proj (R1 on its outputs) and, for down_proj (whose inputs are not
 cached), its relative weight error ``||Q_w(W) - W||^2 / ||W||^2``. Each layer's R2 is
