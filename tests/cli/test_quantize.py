@@ -107,8 +107,11 @@ def start_paused(where, tiny, small_data, out, tmp_path, *extra):
     marker, go = tmp_path / f"paused-{where}", tmp_path / f"go-{where}"
     argv = ["quantize", "--model", str(tiny), "--recipe", "gsr_w4a16_g64_gptq", "--output", str(out),
             "--calib-samples", "2", "--calib-len", "16", "--data-dir", str(small_data), *extra]
+    # SIGINT as a terminal delivers it, whatever this process inherited: a shell that
+    # starts jobs in the background (nohup, `&` in a script) sets it to ignored
     process = subprocess.Popen([sys.executable, str(PAUSED), where, str(marker), str(go), "--", *argv],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 300
     while not marker.exists():
         if process.poll() is not None or time.monotonic() > deadline:
