@@ -96,7 +96,8 @@ def checkpoint_size(path: Path) -> dict:
                 total += count * size
                 sixteen += count * (2 if view.get_dtype() == "F32" else size)
                 names.add(name)
-    return {"bytes": bytes_on_disk(path), "bytes_16bit": bytes_on_disk(path) - total + sixteen,
+    on_disk = bytes_on_disk(path)
+    return {"bytes": on_disk, "bytes_16bit": on_disk - total + sixteen,
             "lm_head": "own" if any(n.startswith("lm_head.") for n in names) else "tied"}
 
 

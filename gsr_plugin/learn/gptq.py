@@ -22,6 +22,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from gsr_plugin.learn.objectives import grid_of, round_to_grid
+
 __all__ = ["gptq", "hessian", "grid_rounding"]
 
 
@@ -61,27 +63,16 @@ def gptq(
 
 def grid_rounding(w: Tensor, bits: int, symmetric: bool, group_size: int | None) -> Callable[[Tensor, slice], Tensor]:
     """``round_columns`` for ``gptq`` on FRTQ's weight grid
-    (``learn.objectives.rounding_error``): one scale per row and ``group_size``
-    columns (None: per row), from the range of ``w`` as given (before GPTQ moves it)."""
+    (``learn.objectives.grid_of``): one scale per row and ``group_size`` columns
+    (None: per row), from the range of ``w`` as given (before GPTQ moves it)."""
     w = w.double()
     d = w.shape[1]
     width = group_size if group_size and d % group_size == 0 else d
-    groups = w.reshape(w.shape[0], d // width, width)
-    levels = 2**bits - 1
-    if symmetric:
-        step = (2 * groups.abs().amax(-1) / levels).clamp_min(1e-12)
-        low = None
-    else:
-        low = groups.amin(-1)
-        step = ((groups.amax(-1) - low) / levels).clamp_min(1e-12)
+    step, low = grid_of(w.reshape(w.shape[0], d // width, width), bits, symmetric)
     column_group = torch.arange(d) // width
 
     def round_columns(values: Tensor, columns: slice) -> Tensor:
         g = column_group[columns]
-        s = step[:, g]
-        if low is None:
-            return torch.round(values / s).clamp(-(levels + 1) // 2, levels // 2) * s
-        lo = low[:, g]
-        return torch.round((values - lo) / s).clamp(0, levels) * s + lo
+        return round_to_grid(values, step[:, g, 0], None if low is None else low[:, g, 0], bits)
 
     return round_columns

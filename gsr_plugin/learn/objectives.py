@@ -128,15 +128,27 @@ def rounding_error(
     ``x``; values beyond the clipped grid saturate."""
     width = group_size or x.shape[-1]
     rows = x.reshape(*x.shape[:-1], x.shape[-1] // width, width)
+    step, low = grid_of(rows, bits, symmetric, clip)
+    return (round_to_grid(rows, step, low, bits) - rows).reshape(x.shape)
+
+
+def grid_of(rows: Tensor, bits: int, symmetric: bool, clip: Tensor | float = 1.0) -> tuple[Tensor, Tensor | None]:
+    """``(step, low)`` of the grid over the last dim of ``rows`` (kept as size 1):
+    symmetric ``step = 2 c max|x| / (2^b - 1)``, ``low`` None; asymmetric
+    ``step = c (max x - min x) / (2^b - 1)``, ``low = c min x``."""
     levels = 2**bits - 1
     if symmetric:
-        step = (clip * 2 * rows.abs().amax(-1, keepdim=True) / levels).clamp_min(_EPS)
-        q = torch.round(rows / step).clamp(-(levels + 1) // 2, levels // 2) * step
-    else:
-        low, high = clip * rows.amin(-1, keepdim=True), clip * rows.amax(-1, keepdim=True)
-        step = ((high - low) / levels).clamp_min(_EPS)
-        q = torch.round((rows - low) / step).clamp(0, levels) * step + low
-    return (q - rows).reshape(x.shape)
+        return (clip * 2 * rows.abs().amax(-1, keepdim=True) / levels).clamp_min(_EPS), None
+    low, high = clip * rows.amin(-1, keepdim=True), clip * rows.amax(-1, keepdim=True)
+    return ((high - low) / levels).clamp_min(_EPS), low
+
+
+def round_to_grid(x: Tensor, step: Tensor, low: Tensor | None, bits: int) -> Tensor:
+    """``x`` rounded to nearest on ``grid_of``'s grid, saturating at its ends."""
+    levels = 2**bits - 1
+    if low is None:
+        return torch.round(x / step).clamp(-(levels + 1) // 2, levels // 2) * step
+    return torch.round((x - low) / step).clamp(0, levels) * step + low
 
 
 def relative_rounding_error(x: Tensor, bits: int, symmetric: bool = True, group_size: int | None = None) -> Tensor:
