@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from gsr_plugin.eval.data import IN_DRAWN_ORDER
 from gsr_plugin.walsh import DENSE_MAX_BLOCK, grouped_walsh_transform, walsh_matrix
 
 
@@ -168,7 +169,7 @@ def gsr_vs_gptq(calib_samples: int, calib_len: int) -> dict:
     recipe = recipe_yaml(RecipeSetting("none", 4, 64), 64)  # GPTQ alone, on the rotated model
     start = time.perf_counter()
     oneshot(model=model, processor=tokenizer, dataset=data, recipe=recipe,
-            num_calibration_samples=calib_samples, max_seq_length=calib_len)
+            num_calibration_samples=calib_samples, max_seq_length=calib_len, **IN_DRAWN_ORDER)
     gptq_seconds = time.perf_counter() - start
     return {
         "gsr_seconds": gsr_seconds, "gptq_seconds": gptq_seconds, "gsr_over_gptq": gsr_seconds / gptq_seconds,
@@ -200,7 +201,7 @@ def frtq_vs_gptq(calib_samples: int, calib_len: int) -> dict:
         modifiers = Recipe.create_instance(recipe_yaml(setting, 64)).modifiers
         start = time.perf_counter()
         oneshot(model=model, processor=tokenizer, dataset=data, recipe=modifiers,
-                num_calibration_samples=calib_samples, max_seq_length=calib_len)
+                num_calibration_samples=calib_samples, max_seq_length=calib_len, **IN_DRAWN_ORDER)
         seconds[name] = time.perf_counter() - start
         learned = next((m.learned for m in modifiers if getattr(m, "learned", None)), learned)
     rotation = seconds["frtq"] - seconds["gptq"]
@@ -281,7 +282,7 @@ def _gptq_seconds(fields: dict, layers: int, calib_samples: int, calib_len: int)
         tokenizer = AutoTokenizer.from_pretrained(resolve_model("default"))
         start = time.perf_counter()
         oneshot(model=model, processor=tokenizer, dataset=data, recipe=recipe_yaml(RecipeSetting("none", 4, 64), 64),
-                num_calibration_samples=calib_samples, max_seq_length=calib_len)
+                num_calibration_samples=calib_samples, max_seq_length=calib_len, **IN_DRAWN_ORDER)
         return time.perf_counter() - start
 
 

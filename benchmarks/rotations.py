@@ -17,6 +17,8 @@ suite); ``tables`` turns them into Markdown and plots.
     python benchmarks/rotations.py a4 --out docs/results            # W4A4KV4 decomposed: KV quantizer, R3, activations
     python benchmarks/rotations.py a4_draws --seed 1 --out docs/results  # its close rows, more calibration draws
     python benchmarks/rotations.py sweep --seed 1 --out docs/results  # FRTQ vs GSR over draws 0, 1, 2
+    python benchmarks/rotations.py guard --out docs/results         # FRTQ's guard judging after GPTQ (W3A16 g64)
+    python benchmarks/rotations.py w3_target --out docs/results     # W3A16 g64 with the MSE weight observer
     python benchmarks/rotations.py tables --out docs/results
 
 Suites list their runs in priority order; ``--limit N`` runs the first N.
@@ -289,13 +291,21 @@ def guard_suite() -> list[RecipeSetting]:
     return [RecipeSetting("frtq_gptqguard", 3, 64, symmetric=False)]
 
 
+def w3_target_suite() -> list[RecipeSetting]:
+    """The W3A16 g64 target (at most 1.5x float): GSR and FRTQ with GPTQ's scales from
+    llm-compressor's MSE observer (a searched weight clip) instead of min-max, against
+    suite ``sweep``'s min-max rows of the same draw."""
+    return [RecipeSetting(m, 3, 64, symmetric=False, weight_observer="mse") for m in ("gsr", "frtq")]
+
+
 SUITES = {"main": main_suite, "online": online_suite, "bits": bits_suite, "blocks": blocks_suite,
           "activations": activations_suite, "frtq": frtq_suite, "frtq_more": frtq_more_suite,
           "lowrank": lowrank_suite, "engines": engines_suite, "fp4": fp4_suite, "a4": a4_suite,
           "a4_draws": a4_draws_suite, "a4_headline": a4_headline_suite, "sweep": sweep_suite,
-          "guard": guard_suite}
+          "guard": guard_suite, "w3_target": w3_target_suite}
 WINDOWS = {"main": None, "online": 20, "bits": 20, "blocks": 20, "activations": 20, "frtq": None, "frtq_more": 20,
-           "lowrank": 10, "engines": 10, "fp4": 20, "a4": 20, "a4_draws": 20, "a4_headline": 20, "sweep": 20, "guard": 20}
+           "lowrank": 10, "engines": 10, "fp4": 20, "a4": 20, "a4_draws": 20, "a4_headline": 20, "sweep": 20, "guard": 20,
+           "w3_target": 20}
 ENGINES = {"engines": ["llmcompressor", "optimum"]}
 
 
@@ -522,7 +532,8 @@ TABLES = {
 
 
 # suites run over several calibration draws: suite -> the suite holding its draw 0
-DRAWS = {"a4_draws": "a4", "a4_headline": "a4_draws", "sweep": "sweep", "guard": "guard"}
+DRAWS = {"a4_draws": "a4", "a4_headline": "a4_draws", "sweep": "sweep", "guard": "guard",
+         "w3_target": "w3_target"}
 
 
 def draws_table(out: Path, suite: str, first: str) -> str | None:

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from gsr_plugin.eval.data import calibration_windows, find_data_dir, wikitext2_test_text
+from gsr_plugin.eval.data import IN_DRAWN_ORDER, calibration_windows, find_data_dir, wikitext2_test_text
 from gsr_plugin.eval.models import resolve_model
 from gsr_plugin.eval.perplexity import perplexity
 from gsr_plugin.eval.size import bits_per_weight
@@ -159,6 +159,7 @@ def run_settings(
                 recipe=modifiers,
                 num_calibration_samples=calib_samples,
                 max_seq_length=calib_len,
+                **IN_DRAWN_ORDER,
             )
             learned = next((m.learned for m in modifiers if getattr(m, "learned", None)), None)
         seconds = time.perf_counter() - start

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from gsr_plugin.cli.faults import STOP_SIGNALS, DiskFullError, disk_full
-from gsr_plugin.eval.data import calibration_windows
+from gsr_plugin.eval.data import IN_DRAWN_ORDER, calibration_windows
 from gsr_plugin.eval.models import resolve_model
 from gsr_plugin.recipes import resolve_recipe
 
@@ -221,6 +221,7 @@ def _quantize_llmcompressor(model, recipe, output, *, calib_samples, calib_len, 
             max_seq_length=calib_len,
             output_dir=str(staging),
             save_compressed=True,
+            **IN_DRAWN_ORDER,
         )
         provenance = {
             "model": model,

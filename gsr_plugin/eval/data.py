@@ -111,6 +111,12 @@ def wikitext2_validation_text(data_dir: str | os.PathLike | None = None) -> str:
         raise _missing("WikiText-2 validation text", _VALID_TOKENS, root, error) from error
 
 
+# oneshot keyword arguments that feed ``calibration_windows`` to GPTQ in the drawn order:
+# llm-compressor's default shuffle draws the order from torch's global RNG, so whatever ran
+# before in the process changed GPTQ's Hessian sums, and with them the weights.
+IN_DRAWN_ORDER = {"shuffle_calibration_samples": False}
+
+
 def calibration_windows(
     tokenizer,
     num_samples: int,
@@ -119,7 +125,8 @@ def calibration_windows(
     data_dir: str | os.PathLike | None = None,
 ) -> torch.Tensor:
     """``num_samples`` random windows of ``seq_len`` tokens of the validation text,
-    drawn with ``seed`` (shape num_samples x seq_len)."""
+    drawn with ``seed`` (shape num_samples x seq_len). Pass ``IN_DRAWN_ORDER`` to
+    ``oneshot`` with them, so that the seed alone decides the checkpoint."""
     ids = tokenizer(wikitext2_validation_text(data_dir), return_tensors="pt").input_ids[0]
     if ids.numel() <= seq_len:
         raise ValueError(f"calibration text has {ids.numel()} tokens, fewer than seq_len {seq_len}")

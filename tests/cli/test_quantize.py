@@ -236,3 +236,16 @@ def test_a_really_full_disk(tiny_checkpoints, small_data, small_disk, capsys):
     assert code == 2, err[-2000:]
     assert f"no space left on the device of {small_disk}" in err.strip().splitlines()[-1]
     assert list(small_disk.iterdir()) == []
+
+
+def test_the_checkpoint_depends_on_the_seed_not_on_the_global_rng(tiny_checkpoints, small_data, tmp_path):
+    """The calibration windows are a seeded draw and reach GPTQ in that order: llm-compressor's
+    default shuffle drew the order from torch's global RNG, so what ran before changed the
+    weights (GPTQ's Hessian sums in another order)."""
+    files = []
+    for name, global_seed in (("a", 1), ("b", 2)):
+        torch.manual_seed(global_seed)
+        out = quantize(str(tiny_checkpoints["llama"]), "gsr_w8a8_gptq", tmp_path / name,
+                       calib_samples=8, calib_len=32, data_dir=small_data)
+        files.append((out / "model.safetensors").read_bytes())
+    assert files[0] == files[1]
