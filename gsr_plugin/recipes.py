@@ -43,7 +43,7 @@ METHODS: dict[str, str] = {
     "spinquant_gsr": "llm-compressor SpinQuant (hadamard) first, then GSR on top",
     "frtq": "FRTQ: learned R1/R2 minimizing the grid-to-std ratio, GSR-initialized (FRTQModifier)",
     "frtq_random": "FRTQ from a random orthogonal initialization (FRTQModifier init random)",
-    "frtq_gsr": "FRTQ (GSR-initialized) first, then GSR on top",
+    "frtq_gsr": "FRTQ (GSR-initialized) first, then GSR on top (a Walsh block is its own inverse: this undoes GSR)",
     "frtq_full": "FRTQ with one full-width learned R1 (FRTQModifier structure full), GSR-initialized",
     "frtq_gptqguard": "FRTQ whose guard judges the learned matrices after GPTQ (FRTQModifier guard_quantizer gptq)",
 }

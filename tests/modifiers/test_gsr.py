@@ -160,6 +160,23 @@ def test_after_spinquant_gsr_adds_no_error_and_fuses_no_norm_twice(load_tiny, to
     assert [g.type for g in groups.values()] == ["hadamard", "hadamard", "sequency-walsh", "sequency-walsh"]
 
 
+def test_gsr_after_gsr_is_the_identity(load_tiny):
+    """Sequency Walsh blocks are symmetric and orthogonal, so each is its own inverse:
+    GSR on top of GSR (or of a rotation learned from GSR's start, suite ``sweep``'s
+    ``frtq_gsr``) undoes the first one. The norms stay fused (the first run's doing)."""
+    model = load_tiny("llama")
+    before = weights(model)
+    oneshot(model=model, recipe=[GSRModifier(block_size=16), GSRModifier(block_size=16)])
+    after = weights(model)
+    layer = "model.layers.0."
+    for name in ("self_attn.o_proj", "mlp.down_proj"):  # R1 on the output, R2 / nothing on the input
+        torch.testing.assert_close(after[layer + name + ".weight"], before[layer + name + ".weight"])
+    norm = before[layer + "input_layernorm.weight"]
+    torch.testing.assert_close(after[layer + "self_attn.v_proj.weight"], before[layer + "self_attn.v_proj.weight"] * norm)
+    once = run_gsr(load_tiny("llama"), block_size=16)
+    assert not torch.allclose(weights(once)[layer + "self_attn.o_proj.weight"], before[layer + "self_attn.o_proj.weight"])
+
+
 def test_spinquant_after_gsr_is_warned_about(load_tiny, capfd):
     from loguru import logger
 
