@@ -339,6 +339,8 @@ def shipped_settings() -> list[RecipeSetting]:
         RecipeSetting("gsr", 4, 64),  # serves: vLLM WNA16 (symmetric, like preset W4A16)
         RecipeSetting("gsr", 4, 128),  # LLaMA-2-7B-like models (dims divisible by 128)
         RecipeSetting("gsr", 3, 64, symmetric=False),
+        # W3 with GPTQ's scales from the MSE observer (a searched clip): 7% below min-max
+        RecipeSetting("gsr", 3, 64, symmetric=False, weight_observer="mse"),
         RecipeSetting("gsr", 2, 64, symmetric=False),
         RecipeSetting("gsr", 8, None, activation_bits=8),  # W8A8 int8, dynamic per token
         RecipeSetting("spinquant_gsr", 4, 64),
@@ -364,6 +366,7 @@ def shipped_settings() -> list[RecipeSetting]:
     settings += [  # FRTQ: learned rotations (docs/results.md)
         RecipeSetting("frtq", 4, 64),  # serves: vLLM WNA16, as gsr_w4a16_g64_gptq
         RecipeSetting("frtq", 3, 64, symmetric=False),
+        RecipeSetting("frtq", 3, 64, symmetric=False, weight_observer="mse"),  # the W3 recipe to use
         RecipeSetting("frtq", 4, None, symmetric=False),
         RecipeSetting("frtq", 4, 64, symmetric=False, activation_bits=4, online_r4=True, kv_bits=4),
         RecipeSetting("frtq", 4, 64, symmetric=False, activation_bits=4, online_r3=True, online_r4=True, kv_bits=4,
