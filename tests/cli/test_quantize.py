@@ -238,7 +238,7 @@ def test_a_really_full_disk(tiny_checkpoints, small_data, small_disk, capsys):
     assert list(small_disk.iterdir()) == []
 
 
-def test_the_checkpoint_depends_on_the_seed_not_on_the_global_rng(tiny_checkpoints, small_data, tmp_path):
+def test_the_global_rng_does_not_change_the_checkpoint(tiny_checkpoints, small_data, tmp_path):
     """The calibration windows are a seeded draw and reach GPTQ in that order: llm-compressor's
     default shuffle drew the order from torch's global RNG, so what ran before changed the
     weights (GPTQ's Hessian sums in another order)."""
